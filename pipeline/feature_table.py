@@ -152,3 +152,93 @@ def _fixed_list_to_numpy(column: pa.ChunkedArray, n: int, width: int) -> np.ndar
     chunks = [c.flatten().to_numpy(zero_copy_only=False) for c in column.chunks]
     flat = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
     return flat.reshape(n, width)
+
+
+class FeatureTableWriter:
+    """Write a feature table in record batches, for tables too large to hold at once.
+
+    Same columns, schema metadata and atomicity as `write_feature_table`: rows go to
+    a temporary file beside `path`, renamed over it only when the `with` block exits
+    cleanly. Shapes are fixed up front because the IPC schema is written first.
+
+        with FeatureTableWriter(path, "acoustic", T, d, d_s, meta) as w:
+            w.write_batch(ids, present, reasons, lengths, seq, summ, hashes)
+    """
+
+    def __init__(self, path: str | Path, modality: str, seq_len: int, seq_dim: int, summary_dim: int, meta: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.shape = (int(seq_len), int(seq_dim))
+        self.summary_dim = int(summary_dim)
+        full = dict(meta)
+        full.setdefault("modality", modality)
+        full["sequence_shape"] = [self.shape[0], self.shape[1]]
+        full["summary_dim"] = self.summary_dim
+        self.schema = pa.schema(
+            [
+                pa.field("utterance_id", pa.string()),
+                pa.field("present", pa.bool_()),
+                pa.field("failure_reason", pa.string()),
+                pa.field("length", pa.int32()),
+                pa.field("sequence", pa.list_(pa.float32(), self.shape[0] * self.shape[1])),
+                pa.field("summary", pa.list_(pa.float32(), self.summary_dim)),
+                pa.field("content_hash", pa.string()),
+            ],
+            metadata={META_KEY: json.dumps(full).encode()},
+        )
+        self.rows = 0
+        self._atomic: Any = None
+        self._sink: Any = None
+        self._writer: Any = None
+
+    def __enter__(self) -> "FeatureTableWriter":
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        self._sink = pa.OSFile(str(tmp), "wb")
+        self._writer = pa.ipc.new_file(self._sink, self.schema)
+        return self
+
+    def write_batch(
+        self,
+        utterance_id: Sequence[str],
+        present: np.ndarray,
+        failure_reason: Sequence[str | None],
+        length: np.ndarray,
+        sequence: np.ndarray,
+        summary: np.ndarray,
+        content_hash: Sequence[str | None] | None = None,
+    ) -> None:
+        """Append rows; `sequence` is (n, T, d) and `summary` (n, d_s), float32 after casting."""
+        n = len(utterance_id)
+        seq = np.ascontiguousarray(sequence, dtype=np.float32)
+        summ = np.ascontiguousarray(summary, dtype=np.float32)
+        if seq.shape != (n, *self.shape):
+            raise ValueError(f"{self.path}: batch sequence must be {(n, *self.shape)}, got {seq.shape}")
+        if summ.shape != (n, self.summary_dim):
+            raise ValueError(f"{self.path}: batch summary must be {(n, self.summary_dim)}, got {summ.shape}")
+        lengths = np.asarray(length, dtype=np.int32)
+        for name, col in (("present", present), ("length", lengths), ("failure_reason", failure_reason)):
+            if len(col) != n:
+                raise ValueError(f"{self.path}: batch column {name} has {len(col)} rows, expected {n}")
+        if np.any(lengths > self.shape[0]) or np.any(lengths < 0):
+            raise ValueError(f"{self.path}: length outside [0, T={self.shape[0]}]")
+        hashes = list(content_hash) if content_hash is not None else [None] * n
+        arrays = [
+            pa.array([str(u) for u in utterance_id], pa.string()),
+            pa.array(np.asarray(present, dtype=bool)),
+            pa.array(list(failure_reason), pa.string()),
+            pa.array(lengths),
+            pa.FixedSizeListArray.from_arrays(pa.array(seq.reshape(-1)), self.shape[0] * self.shape[1]),
+            pa.FixedSizeListArray.from_arrays(pa.array(summ.reshape(-1)), self.summary_dim),
+            pa.array(hashes, pa.string()),
+        ]
+        self._writer.write_batch(pa.record_batch(arrays, schema=self.schema))
+        self.rows += n
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            self._writer.close()
+            self._sink.close()
+        finally:
+            # On an exception the atomic context deletes the temporary file; the old table stays.
+            self._atomic.__exit__(exc_type, exc, tb)
+        return False

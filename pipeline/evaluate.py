@@ -1,0 +1,241 @@
+"""Stage `evaluate`: score the selected checkpoint under every missing-modality protocol.
+
+The test split is read exactly once: each test batch is loaded one time and then
+run through the model under all protocols (7 fixed combinations, every stored
+random-missing rate, natural missingness), each ANDed with natural presence. Every
+sample is routed to the adapter set of its *effective* combination; a sample left
+with no modality gets the training prior (class frequencies / mean score of the
+train split) and is counted in `n_empty`. Random masks come from
+`data/splits/random_masks.parquet`; nothing is re-drawn here.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.atomic import write_json
+from pipeline.combinations import COMBINATIONS, MASKS, MODALITY_ORDER, mask_to_index
+from pipeline.data import MultimodalData
+from pipeline.metrics import classification_metrics, regression_metrics
+from pipeline.pyfunc_model import frame_from_arrays, predict_routed
+from pipeline.splits import read_random_masks
+
+SECTION = "evaluate"
+METRICS = {"classification": ("wa", "ua", "wf1"), "regression": ("acc2", "f1", "acc7", "mae", "corr")}
+PRIMARY = {"classification": "wa", "regression": "acc2"}
+
+
+def evaluate_model(
+    model_path: str | Path, data: MultimodalData, splits_dir: str | Path, *, batch_size: int = 256
+) -> dict[str, Any]:
+    """Metrics of one checkpoint on val (fixed + natural) and test (fixed, random MR, natural).
+
+    Returns {"metrics": <reports/metrics.json content>, "predictions": {split: {protocol:
+    (n, K) outputs}}, "target": {split: (n,)}, "serving": {task, classes, prior},
+    "input_example": a 2-row serving frame built from val rows}.
+    """
+    from pipeline.model.checkpoint import load_model
+
+    model, extra = load_model(model_path)
+    serving = {"task": data.task, "classes": list(data.classes), "prior": _prior(data, extra)}
+    test = data.subset("test")
+    val = data.subset("val")
+    if len(test) == 0:
+        raise ValueError(f"{splits_dir}: the test split is empty")
+    fixed = {c: MASKS[i] for i, c in enumerate(COMBINATIONS)}  # (3,) each
+    test_protocols = {**{("fixed", c): m for c, m in fixed.items()},
+                      **{("random", mr): m for mr, m in _random_masks(test, splits_dir).items()},
+                      ("natural", "natural"): np.ones(3, dtype=bool)}
+    val_protocols = {**{("fixed", c): m for c, m in fixed.items()}, ("natural", "natural"): np.ones(3, dtype=bool)}
+
+    results, predictions, targets = {}, {}, {}
+    for split, view, protocols in (("val", val, val_protocols), ("test", test, test_protocols)):
+        if len(view) == 0:
+            continue
+        outputs, empties, target = _one_pass(model, view, protocols, serving, batch_size)
+        results[split] = _summarise(outputs, empties, target, data)
+        predictions[split], targets[split] = outputs, target
+    example = _input_example(val if len(val) else data.subset("train"))
+    return {"metrics": results, "predictions": predictions, "target": targets, "serving": serving,
+            "input_example": example}
+
+
+def _one_pass(model, view: MultimodalData, protocols: dict, serving: dict, batch_size: int):
+    """Read each row of `view` once; run every protocol on the batch already in memory."""
+    n = len(view)
+    k = len(serving["prior"])
+    outputs = {key: np.zeros((n, k)) for key in protocols}  # (n, K) per protocol
+    empties = {key: 0 for key in protocols}
+    target = np.zeros(n, dtype=view.target.dtype)
+    for start in range(0, n, batch_size):
+        local = np.arange(start, min(n, start + batch_size))
+        batch = view.batch(local)  # the single read of these rows
+        target[local] = batch["target"].numpy()
+        usable = batch["natural"].numpy() & np.stack(
+            [batch["lengths_natural"][m].numpy() > 0 for m in MODALITY_ORDER], axis=1)  # (B, 3)
+        for key, mask in protocols.items():
+            eff = usable & (mask[local] if mask.ndim == 2 else mask[None, :])  # (B, 3)
+            comb = mask_to_index(eff)  # (B,) -1 = nothing present
+            lens = {m: torch.where(torch.as_tensor(eff[:, j]), batch["lengths_natural"][m], 0)
+                    for j, m in enumerate(MODALITY_ORDER)}
+            outputs[key][local] = predict_routed(model, batch["features"], lens, eff, comb, serving)
+            empties[key] += int((comb < 0).sum())
+    return outputs, empties, target
+
+
+def _summarise(outputs: dict, empties: dict, target: np.ndarray, data: MultimodalData) -> dict[str, Any]:
+    """Nested metrics; the fixed-protocol mean counts each of the 7 combinations exactly once."""
+    out: dict[str, Any] = {}
+    for (protocol, name), y_out in outputs.items():
+        scores = score_outputs(data.task, target, y_out, len(data.classes))
+        scores.update(n=int(len(target)), n_empty=int(empties[(protocol, name)]))
+        if protocol == "natural":
+            out["natural"] = scores
+        else:
+            out.setdefault(protocol, {})[name] = scores
+    out["fixed"]["mean"] = {k: float(np.mean([out["fixed"][c][k] for c in COMBINATIONS]))
+                            for k in METRICS[data.task]}
+    return out
+
+
+def score_outputs(task: str, y_true: np.ndarray, y_out: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Metrics from (n, K) probabilities (classification) or (n, 1) scores (regression)."""
+    if task == "classification":
+        return classification_metrics(y_true, y_out.argmax(axis=1), n_classes)
+    return regression_metrics(y_true, y_out[:, 0])
+
+
+def _prior(data: MultimodalData, extra: dict[str, Any]) -> list[float]:
+    """Train-split prior for samples with no modality: stored in the checkpoint, else from train labels."""
+    if extra.get("prior") is not None:
+        return [float(x) for x in extra["prior"]]
+    y = data.subset("train").view_target()
+    if len(y) == 0:
+        raise ValueError("no train rows to compute the prior for samples without any modality")
+    if data.task == "classification":
+        return (np.bincount(y.astype(np.int64), minlength=len(data.classes)) / len(y)).tolist()
+    return [float(np.mean(y))]
+
+
+def _random_masks(view: MultimodalData, splits_dir: str | Path) -> dict[str, np.ndarray]:
+    """Stored test masks aligned to the view's rows, keyed "0.0".."0.7"."""
+    ids = view.utterance_id[view.positions]
+    out = {}
+    for mr, (mask_ids, mask) in read_random_masks(splits_dir, "test").items():
+        where = {u: i for i, u in enumerate(mask_ids.tolist())}
+        rows = np.array([where.get(u, -1) for u in ids.tolist()], dtype=np.int64)
+        if (rows < 0).any():
+            raise ValueError(f"{splits_dir}/random_masks.parquet: MR {mr} lacks test utterance "
+                             f"{ids[rows < 0][0]!r}; re-run the splits stage")
+        out[f"{mr:.1f}"] = mask[rows]  # (n, 3)
+    return out
+
+
+def _input_example(view: MultimodalData, rows: int = 2):
+    batch = view.batch(np.arange(min(rows, len(view))))
+    natural = batch["natural"].numpy()
+    return frame_from_arrays({m: x.numpy() for m, x in batch["features"].items()},
+                             {m: x.numpy() for m, x in batch["lengths_natural"].items()}, natural)
+
+
+def confusion_labels(result: dict[str, Any], protocol: tuple[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """(actual, predicted, label order) of a test protocol; regression uses Acc-7's rounded classes."""
+    y, out = result["target"]["test"], result["predictions"]["test"][protocol]
+    if result["serving"]["task"] == "classification":
+        names = result["serving"]["classes"]
+        return [names[i] for i in y], [names[i] for i in out.argmax(axis=1)], names
+    to_class = lambda s: [str(int(v)) for v in np.round(np.clip(s, -3, 3))]  # noqa: E731
+    return to_class(y), to_class(out[:, 0]), [str(v) for v in range(-3, 4)]
+
+
+def write_reports(result: dict[str, Any], metrics_path: str | Path, plots_dir: str | Path) -> list[Path]:
+    """metrics.json, the DVC plot CSVs and the PNGs; returns the PNG paths."""
+    from pipeline import plots
+
+    plots_dir = Path(plots_dir)
+    metrics = result["metrics"]
+    write_json(metrics_path, metrics)
+    primary = PRIMARY[result["serving"]["task"]]
+    per_comb, curve = plots.per_combination_rows(metrics), plots.mr_curve_rows(metrics)
+    plots.write_csv(plots_dir / "per_combination.csv", per_comb)
+    plots.write_csv(plots_dir / "mr_curve.csv", curve)
+    pngs = [plots_dir / "per_combination.png", plots_dir / "mr_curve.png"]
+    plots.plot_per_combination(per_comb, primary, pngs[0])
+    plots.plot_mr_curve(curve, primary, pngs[1])
+    for name, key in (("natural", ("natural", "natural")), ("atv", ("fixed", "atv"))):
+        actual, predicted, labels = confusion_labels(result, key)
+        plots.write_csv(plots_dir / ("confusion.csv" if name == "natural" else f"confusion_{name}.csv"),
+                        plots.confusion_rows(actual, predicted))
+        pngs.append(plots_dir / f"confusion_{name}.png")
+        plots.plot_confusion(actual, predicted, labels, f"test confusion ({name})", pngs[-1])
+    return pngs
+
+
+def flat_test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """MLflow names `test/<metric>/<combination>`, `test/<metric>/natural`, `test/<metric>/mr_0.3`."""
+    test = metrics["test"]
+    flat = {}
+    entries = [(c, v) for c, v in test["fixed"].items()] + [("natural", test["natural"])]
+    entries += [(f"mr_{mr}", v) for mr, v in test.get("random", {}).items()]
+    for where, values in entries:
+        for k, v in values.items():
+            if k != "n" and np.isfinite(v):
+                flat[f"test/{k}/{where}"] = float(v)
+    return flat
+
+
+def log_to_mlflow(result: dict[str, Any], run_id: str, tracking_uri: str, model_path: str | Path,
+                  files: list[Path]) -> str:
+    """Reopen the training run and add test metrics, plots and the pyfunc model; returns the model URI."""
+    import mlflow
+
+    from pipeline.pyfunc_model import log_pyfunc_model
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_metrics(flat_test_metrics(result["metrics"]))
+        for path in files:
+            mlflow.log_artifact(str(path), "evaluation")
+        info = log_pyfunc_model(model_path, result["serving"], result["input_example"], tmp)
+    return info.model_uri
+
+
+def run_stage(params: dict[str, Any]) -> dict[str, Any]:
+    """Load data (all splits aligned), evaluate once, write reports, log into the training run."""
+    if int(params.get("num_threads", 1)) > 0:  # 0 = torch default; tiny matmuls on shared cores prefer 1
+        torch.set_num_threads(int(params.get("num_threads", 1)))
+    model_path = params.get("model", "models/model.pt")
+    splits_dir = params.get("splits_dir", "data/splits")
+    data = MultimodalData.load(params.get("manifest", "data/manifest.parquet"),
+                               params.get("features_dir", "data/features"), splits_dir)
+    result = evaluate_model(model_path, data, splits_dir, batch_size=int(params.get("batch_size", 256)))
+    metrics_path = Path(params.get("metrics", "reports/metrics.json"))
+    pngs = write_reports(result, metrics_path, params.get("plots_dir", "reports/plots"))
+    summary: dict[str, Any] = {"metrics": str(metrics_path),
+                               "test_fixed_mean": result["metrics"]["test"]["fixed"]["mean"],
+                               "test_natural": result["metrics"]["test"]["natural"]}
+    summary_path = Path(params.get("train_summary", "models/train_summary.json"))
+    if params.get("log_mlflow", True):
+        if not summary_path.exists():
+            raise FileNotFoundError(f"{summary_path}: train summary not found (run the train stage)")
+        train = json.loads(summary_path.read_text())
+        uri = params.get("tracking_uri") or train.get("mlflow_tracking_uri") or "sqlite:///mlflow.db"
+        summary["model_uri"] = log_to_mlflow(result, train["mlflow_run_id"], uri, model_path,
+                                             [*pngs, metrics_path])
+    return summary
+
+
+def main() -> None:
+    from pipeline.params import load_params
+
+    print(json.dumps(run_stage(load_params(SECTION)), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The embedded corpus: real files, deterministic bytes, faithful breakage ground truth."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from pipeline.corpus import CorpusConfig, generate_corpus
+from pipeline.corpus.breakage import CODES, wav_data_sizes
+from pipeline.corpus.testing import make_tiny_corpus, tiny_config
+
+CASCADE = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _read_frames(path: Path) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_corpus(tmp_path_factory.mktemp("clean"), n=24, seed=11)
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # share 0.5 of 24 clips = 12 broken, so every one of the 6 codes appears at least once
+    return make_tiny_corpus(tmp_path_factory.mktemp("broken"), n=24, seed=12, breakage_share=0.5)
+
+
+def test_same_seed_same_bytes_any_worker_count(tmp_path: Path) -> None:
+    make_tiny_corpus(tmp_path / "a", n=12, seed=5, breakage_share=0.5)
+    make_tiny_corpus(tmp_path / "b", n=12, seed=5, breakage_share=0.5, workers=2)
+    make_tiny_corpus(tmp_path / "c", n=12, seed=6, breakage_share=0.5)
+    a, b, c = _digest(tmp_path / "a"), _digest(tmp_path / "b"), _digest(tmp_path / "c")
+    assert a == b
+    assert any(name.endswith(".mp4") for name in a)
+    changed = [k for k in a if k in c and a[k] != c[k] and k.startswith(("audio/", "video/", "text/"))]
+    assert len(changed) >= len([k for k in a if k.startswith("audio/")])
+
+
+def test_listing_columns_and_relative_paths(clean: Path) -> None:
+    table = pq.read_table(clean).to_pandas()
+    for col in ("utterance_id", "session", "speaker", "label", "audio_path", "video_path", "text_path", "domain",
+                "gt_broken_modality", "gt_breakage", "gt_face_intensity", "gt_audio_intensity", "gt_snr_db"):
+        assert col in table.columns, col
+    assert table.utterance_id.is_unique
+    assert set(table.label) == {"neutral", "happy", "sad", "angry"}
+    assert table.label.value_counts().max() - table.label.value_counts().min() <= 1 * table.speaker.nunique()
+    assert set(table.domain) == {"source"}
+    assert table.gt_breakage.isna().all()
+    for _, row in table.iterrows():
+        assert row.utterance_id.startswith(row.speaker + "_") and row.speaker.startswith(row.session + "_")
+        for col in ("audio_path", "video_path", "text_path"):
+            assert not Path(row[col]).is_absolute()
+            assert (clean.parent / row[col]).is_file()
+
+
+def test_audio_is_real_16k_mono_with_planned_duration(clean: Path) -> None:
+    table = pq.read_table(clean).to_pandas()
+    for _, row in table.iterrows():
+        samples, sr = sf.read(clean.parent / row.audio_path, dtype="float32")
+        assert sr == 16000 and samples.ndim == 1
+        assert abs(len(samples) / sr - row.gt_duration_s) < 1e-3
+        assert 1.5 - 1e-6 <= len(samples) / sr <= 4.0
+        assert np.sqrt(np.mean(samples**2)) > 1e-3  # not silent
+
+
+def test_video_frames_128_and_haar_finds_the_face(clean: Path) -> None:
+    table = pq.read_table(clean).to_pandas()
+    found = total = 0
+    for _, row in table.iterrows():
+        frames = _read_frames(clean.parent / row.video_path)
+        assert abs(len(frames) - row.gt_duration_s * 12) <= 1
+        assert frames[0].shape == (128, 128, 3)
+        for frame in frames[::4]:
+            grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+            found += len(CASCADE.detectMultiScale(grey, 1.1, 3, minSize=(30, 30))) > 0
+            total += 1
+    assert found / total > 0.85
+
+
+def test_text_is_utf8_sentence(clean: Path) -> None:
+    table = pq.read_table(clean).to_pandas()
+    texts = [(clean.parent / p).read_text(encoding="utf-8") for p in table.text_path]
+    assert all(t.strip() and t.strip()[-1] in ".!" for t in texts)
+    assert set(table.gt_text_kind) <= {"cue", "plain", "misleading"}
+
+
+def test_every_breakage_appears_and_really_breaks(broken: Path) -> None:
+    root = broken.parent
+    table = pq.read_table(broken).to_pandas()
+    bad = table[table.gt_breakage.notna()]
+    assert set(bad.gt_breakage) == set(CODES)
+    assert (table.gt_breakage.isna() == table.gt_broken_modality.isna()).all()
+    for _, row in bad.iterrows():
+        code = row.gt_breakage
+        assert code.split("_")[0] == row.gt_broken_modality
+        if code == "video_absent":
+            assert pd.isna(row.video_path) and not (root / "video" / f"{row.utterance_id}.mp4").exists()
+        elif code == "video_black":
+            frames = _read_frames(root / row.video_path)
+            assert frames and max(float(f.max()) for f in frames) < 8
+        elif code == "audio_silent":
+            samples, _ = sf.read(root / row.audio_path)
+            assert np.abs(samples).max() < 1e-3
+        elif code == "audio_truncated":
+            declared, present = wav_data_sizes(root / row.audio_path)
+            assert present < declared
+            samples, sr = sf.read(root / row.audio_path)
+            assert len(samples) / sr < row.gt_duration_s - 0.1  # decodes only a part
+        elif code == "audio_corrupt":
+            with pytest.raises(sf.LibsndfileError):
+                sf.read(root / row.audio_path)
+        elif code == "text_empty":
+            assert (root / row.text_path).read_text(encoding="utf-8").strip() == ""
+        # the other two modalities of a broken clip stay intact
+        if row.gt_broken_modality != "text":
+            assert (root / row.text_path).read_text(encoding="utf-8").strip()
+        if row.gt_broken_modality != "audio":
+            assert sf.info(str(root / row.audio_path)).frames > 0
+
+
+def test_shifted_domain_has_new_speakers(tmp_path: Path) -> None:
+    listing = make_tiny_corpus(tmp_path, n=16, seed=3, shifted_domain=True)
+    table = pq.read_table(listing).to_pandas()
+    source = set(table[table.domain == "source"].speaker)
+    shifted = set(table[table.domain == "shifted"].speaker)
+    assert shifted and source and not (source & shifted)
+    assert set(table[table.domain == "shifted"].label) == set(table.label)
+    snr = table.groupby("domain").gt_snr_db.mean()
+    assert snr["shifted"] < snr["source"]
+
+
+def test_killed_run_leaves_no_listing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    listing = make_tiny_corpus(tmp_path, n=8, seed=1)
+    assert listing.exists()
+    import pipeline.corpus.generate as gen
+
+    calls = {"n": 0}
+    real = gen.render_utterance
+
+    def dies_midway(task):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(gen, "render_utterance", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        generate_corpus(tiny_config(n=8, seed=2), tmp_path, progress=False)
+    assert not listing.exists()
+    assert not list(tmp_path.rglob(".*.tmp")) and not list(tmp_path.rglob(".*.mp4"))
+
+
+def test_config_rejects_unknown_keys_and_bad_values() -> None:
+    with pytest.raises(KeyError, match="typo_key"):
+        CorpusConfig.from_dict({"typo_key": 1})
+    with pytest.raises(ValueError, match="breakage_share"):
+        CorpusConfig.from_dict({"breakage_share": 1.5})
