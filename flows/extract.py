@@ -123,7 +123,7 @@ def dask_task_runner(address: str | None, workers: int):
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": int(workers), "threads_per_worker": 1, "processes": True,
-        "host": "127.0.0.1", "dashboard_address": None,
+        "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0",
     })
 
 

@@ -43,16 +43,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return servers_main(argv[1:])
     parser = argparse.ArgumentParser(prog="imer", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=sorted(STAGE_MODULES), help="stage to run (or: servers start|stop|status)")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("stages", nargs="+", choices=sorted(STAGE_MODULES), metavar="stage",
+                        help=f"stage(s) to run in order, from: {', '.join(STAGE_MODULES)} (or: servers start|stop|status)")
+    parser.add_argument("--params", action="append", help="params file; repeat to overlay (default: params.yaml)")
     parser.add_argument("--no-prefect", action="store_true", help="run the bare stage function (also IMER_NO_PREFECT=1)")
     args = parser.parse_args(argv)
-    try:
-        summary = run_stage_command(args.stage, args.params, prefect=False if args.no_prefect else None)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"imer {args.stage}: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    params_path = ",".join(args.params or ["params.yaml"])
+    for stage in args.stages:
+        try:
+            summary = run_stage_command(stage, params_path, prefect=False if args.no_prefect else None)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            print(f"imer {stage}: error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 0
 
 

@@ -90,9 +90,10 @@ def run_folds(folds: list[int], out_dir: str | Path, params_path: str | Path = "
     params copy whose only change is `splits.strategy: loso` and `splits.fold: k`.
     """
     from pipeline.cli import run_named_stage
+    from pipeline.params import load_all_params
 
     out_dir = Path(out_dir)
-    base = yaml.safe_load(Path(params_path).read_text())
+    base = load_all_params(params_path)  # overlays (comma-separated) merge here
     metrics_path = Path(base.get("evaluate", {}).get("metrics", "reports/metrics.json"))
     files = []
     for fold in folds:
