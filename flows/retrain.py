@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.artifacts import REGISTRY, publish_outcome
-from flows.settings import dataset_label, params_file_hash
+from flows.settings import dataset_label, params_file_hash, under
 from pipeline.atomic import write_json
 
 EXTRACTION_TARGETS = ["extract_acoustic", "extract_visual", "extract_textual"]
@@ -84,10 +84,9 @@ def bring_up_to_date(project_dir: str, targets: list[str] | None) -> dict[str, A
 
 
 def retrain_run_name() -> str:
-    path = flow_run.parameters.get("params_path", "params.yaml")
-    base = Path(flow_run.parameters.get("project_dir", "."))
+    path = under(flow_run.parameters.get("project_dir", "."), flow_run.parameters.get("params_path", "params.yaml"))
     try:
-        return f"retrain-{dataset_label(base / path)}-p{params_file_hash(base / path)}"
+        return f"retrain-{dataset_label(path)}-p{params_file_hash(path)}"
     except Exception:  # noqa: BLE001 - a name must never fail the run
         return "retrain"
 
@@ -109,7 +108,7 @@ def retrain_flow(project_dir: str = ".", params_path: str = "params.yaml") -> di
 
 
 def ingest_run_name() -> str:
-    path = Path(flow_run.parameters.get("project_dir", ".")) / flow_run.parameters.get("params_path", "params.yaml")
+    path = under(flow_run.parameters.get("project_dir", "."), flow_run.parameters.get("params_path", "params.yaml"))
     try:
         return f"ingest-new-clips-{dataset_label(path)}"
     except Exception:  # noqa: BLE001

@@ -9,9 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.params import config_hash
+from pipeline.params import config_hash, load_all_params
 
 SECTION = "orchestration"
 DEFAULTS: dict[str, Any] = {
@@ -30,10 +28,13 @@ NO_PREFECT_ENV = "IMER_NO_PREFECT"
 
 
 def _read(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: params file not found (run from the project root)")
-    return yaml.safe_load(path.read_text()) or {}
+    """All params, merged like the stages see them (a comma-separated path is an overlay list)."""
+    return load_all_params(path)
+
+
+def under(project_dir: str | Path, params_path: str) -> str:
+    """`params_path` (possibly comma-separated) resolved against `project_dir`."""
+    return ",".join(str(Path(project_dir) / p) for p in str(params_path).split(","))
 
 
 def load_orchestration(params_path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -55,12 +56,21 @@ def prefect_enabled(params_path: str | Path = "params.yaml") -> bool:
         return True
 
 
-def dataset_label(params_path: str | Path = "params.yaml") -> str:
-    """A short name of the data a run used: orchestration.dataset or the listing's folder."""
+def dataset_label(params_path: str | Path = "params.yaml", stage: str | None = None) -> str:
+    """A short name of the data a run used.
+
+    orchestration.dataset if set; the imported benchmark (`import.dataset`) when the
+    stage is `import` or training reads the imported manifest; else the folder of the
+    ingest listing (`corpus` for the embedded corpus).
+    """
     data = _read(params_path)
     label = (data.get(SECTION) or {}).get("dataset")
     if label:
         return str(label)
+    imported = data.get("import") or {}
+    train_manifest = (data.get("train") or {}).get("manifest")
+    if imported.get("dataset") and (stage == "import" or train_manifest == imported.get("manifest_out")):
+        return str(imported["dataset"])
     listing = (data.get("ingest") or {}).get("listing")
     if listing:
         name = Path(listing).parent.name or Path(listing).stem

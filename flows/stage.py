@@ -30,7 +30,7 @@ def stage_run_name() -> str:
     stage = params["stage"]
     path = params.get("params_path", "params.yaml")
     try:
-        return f"{stage}-{dataset_label(path)}-p{section_hash(stage_module(stage).SECTION, path)}"
+        return f"{stage}-{dataset_label(path, stage)}-p{section_hash(stage_module(stage).SECTION, path)}"
     except Exception:  # noqa: BLE001 - a name must never fail the run
         return f"{stage}-unknown"
 

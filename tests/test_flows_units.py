@@ -89,3 +89,14 @@ def test_server_is_started_and_stopped_by_pid(tmp_path):
     assert stop_server(tmp_path / "run", "web")
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert read_record(tmp_path / "run", "web") is None and not stop_server(tmp_path / "run", "web")
+
+
+def test_dataset_label_follows_overlays(tmp_path):
+    """An overlay that points training at an imported benchmark names runs after that benchmark."""
+    base = _params(tmp_path)
+    overlay = tmp_path / "mosi.yaml"
+    overlay.write_text(yaml.safe_dump({"import": {"dataset": "mosi", "manifest_out": "data/imported/mosi/m.parquet"},
+                                       "train": {"manifest": "data/imported/mosi/m.parquet"}}))
+    assert dataset_label(f"{base},{overlay}") == "mosi"
+    assert dataset_label(str(base)) == "corpus" and dataset_label(str(base), stage="import") == "iemocap4"
+    assert load_orchestration(f"{base},{overlay}")["prefect"] is True
