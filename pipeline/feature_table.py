@@ -40,7 +40,7 @@ class FeatureTable:
     present: np.ndarray  # (N,) bool
     failure_reason: list[str | None]
     length: np.ndarray  # (N,) int32
-    sequence: np.ndarray  # (N, T, d) float32
+    sequence: np.ndarray | ChunkedRows  # (N, T, d) float32; ChunkedRows for multi-batch tables
     summary: np.ndarray  # (N, d_s) float32
     content_hash: list[str | None] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -130,7 +130,7 @@ def read_feature_table(path: str | Path, memory_map: bool = True) -> FeatureTabl
     meta = json.loads(raw)
     t, d = meta["sequence_shape"]
     n = arrow.num_rows
-    seq = _fixed_list_to_numpy(arrow.column("sequence"), n, t * d).reshape(n, t, d)
+    seq = _sequence_view(arrow.column("sequence"), n, t, d)
     summ = _fixed_list_to_numpy(arrow.column("summary"), n, meta["summary_dim"])
     return FeatureTable(
         modality=meta["modality"],
@@ -143,6 +143,50 @@ def read_feature_table(path: str | Path, memory_map: bool = True) -> FeatureTabl
         content_hash=arrow.column("content_hash").to_pylist(),
         meta=meta,
     )
+
+
+class ChunkedRows:
+    """Row access over the record batches of a streamed table without concatenating them.
+
+    A table written in batches (importers stream MOSEI-size data) maps to one buffer
+    per batch; joining them would copy gigabytes. Training only needs `shape` and
+    row gathers (`rows[int_array]`), which this serves batch by batch.
+    """
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])  # row where each part starts
+        self.shape = (int(self.offsets[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+        self.ndim = parts[0].ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            index = int(index) + (self.shape[0] if int(index) < 0 else 0)
+            part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+            return self.parts[part][index - self.offsets[part]]
+        rows = np.arange(self.shape[0])[index]  # normalises slices, bool masks and negative ints
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        part_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for part in np.unique(part_of):
+            sel = part_of == part
+            out[sel] = self.parts[part][rows[sel] - self.offsets[part]]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = np.concatenate(self.parts)
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def _sequence_view(column: pa.ChunkedArray, n: int, t: int, d: int) -> np.ndarray | ChunkedRows:
+    # One chunk: a single zero-copy (N, T, d) view. Several: per-chunk views, still zero-copy.
+    if column.num_chunks <= 1:
+        return _fixed_list_to_numpy(column, n, t * d).reshape(n, t, d)
+    parts = [c.flatten().to_numpy(zero_copy_only=False).reshape(len(c), t, d) for c in column.chunks if len(c)]
+    return ChunkedRows(parts)
 
 
 def _fixed_list_to_numpy(column: pa.ChunkedArray, n: int, width: int) -> np.ndarray:

@@ -85,3 +85,23 @@ def test_combination_masks_and_indices_agree() -> None:
     assert len(set(map(tuple, MASKS.tolist()))) == len(COMBINATIONS)
     with pytest.raises(ValueError, match="unknown combination"):
         combination_mask("x")
+
+
+def test_multi_batch_table_is_read_without_concatenating(tmp_path: Path) -> None:
+    from pipeline.feature_table import ChunkedRows, FeatureTableWriter
+
+    rng = np.random.default_rng(1)
+    seq = rng.normal(size=(10, 3, 2)).astype(np.float32)
+    summ = rng.normal(size=(10, 2)).astype(np.float32)
+    meta = build_meta("visual", 3, 2, 2, ["x", "y"], ["s0", "s1"], {}, "h")
+    with FeatureTableWriter(tmp_path / "v.arrow", "visual", 3, 2, 2, meta) as writer:
+        for lo, hi in ((0, 4), (4, 7), (7, 10)):
+            writer.write_batch([f"u{i}" for i in range(lo, hi)], np.ones(hi - lo, bool), [None] * (hi - lo),
+                               np.full(hi - lo, 3, np.int32), seq[lo:hi], summ[lo:hi])
+    loaded = read_feature_table(tmp_path / "v.arrow")
+    assert isinstance(loaded.sequence, ChunkedRows) and loaded.sequence.shape == (10, 3, 2)
+    rows = np.array([9, 0, 5, 4, 3, 7])
+    np.testing.assert_array_equal(loaded.sequence[rows], seq[rows])  # gathers across batch borders
+    np.testing.assert_array_equal(loaded.sequence[-1], seq[-1])
+    np.testing.assert_array_equal(np.asarray(loaded.sequence), seq)
+    np.testing.assert_array_equal(loaded.summary, summ)
