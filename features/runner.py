@@ -438,8 +438,8 @@ def _finish(modality, ids, jobs, outcomes, extractor, out_path: Path, max_failur
     return summary
 
 
-def stage_from_params(modality: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Resolve a stage's params section into a `run_extraction` call (defaults per brief)."""
+def stage_from_params(modality: str, params: dict[str, Any], chunk_mapper: ChunkMapper | None = None) -> dict[str, Any]:
+    """Resolve a stage's params section into a `run_extraction` call; Prefect/Dask pass their mapper."""
     config = {k: v for k, v in params.items() if k not in RUNNER_KEYS}
     return run_extraction(
         modality,
@@ -449,6 +449,7 @@ def stage_from_params(modality: str, params: dict[str, Any]) -> dict[str, Any]:
         config=config,
         workers=int(params.get("workers", 0)),
         max_failure_share=float(params.get("max_failure_share", 0.25)),
+        chunk_mapper=chunk_mapper,
         chunk_size=int(params.get("chunk_size", 16)),
         progress=bool(params.get("progress", True)),
     )

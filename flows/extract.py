@@ -16,7 +16,6 @@ Failure policy
 from __future__ import annotations
 
 import concurrent.futures as cf
-import inspect
 import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +25,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from features.runner import RUNNER_KEYS, ClipJob, ClipOutcome, run_extraction, stage_from_params
+from features.runner import ClipJob, ClipOutcome, stage_from_params
 
 ChunkFn = Callable[[list[ClipJob]], list[ClipOutcome]]
 
@@ -97,22 +96,7 @@ def local_process_pool(workers: int) -> Iterator[None]:
 
 def run_extraction_stage(modality: str, params: dict[str, Any], mapper: Callable) -> dict[str, Any]:
     """Run the extraction stage's own code with `mapper` as its chunk mapper."""
-    if "chunk_mapper" in inspect.signature(stage_from_params).parameters:
-        return stage_from_params(modality, params, chunk_mapper=mapper)
-    # Same resolution as features.runner.stage_from_params, which takes no mapper yet.
-    config = {k: v for k, v in params.items() if k not in RUNNER_KEYS}
-    return run_extraction(
-        modality,
-        manifest_path=params.get("manifest", "data/manifest.parquet"),
-        out_path=params.get("out", f"data/features/{modality}.arrow"),
-        cache_dir=params.get("cache_dir", f"data/cache/{modality}"),
-        config=config,
-        workers=int(params.get("workers", 0)),
-        max_failure_share=float(params.get("max_failure_share", 0.25)),
-        chunk_mapper=mapper,
-        chunk_size=int(params.get("chunk_size", 16)),
-        progress=False,
-    )
+    return stage_from_params(modality, params, chunk_mapper=mapper)
 
 
 def dask_task_runner(address: str | None, workers: int):

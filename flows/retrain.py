@@ -46,7 +46,9 @@ def _env() -> dict[str, str]:
 @task(name="dvc-status", cache_policy=NO_CACHE)
 def stale_stages(project_dir: str, targets: list[str] | None = None) -> dict[str, Any]:
     """`dvc status --json` for `targets` (all stages when None): {stage: [what changed]}."""
-    proc = subprocess.run([_dvc(), "status", "--json", *(targets or [])], cwd=project_dir, env=_env(),
+    # With targets, --with-deps also reports their upstream stages, which `dvc repro targets` runs too.
+    scope = ["--with-deps", *targets] if targets else []
+    proc = subprocess.run([_dvc(), "status", "--json", *scope], cwd=project_dir, env=_env(),
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{project_dir}: dvc status failed: {proc.stderr.strip()[-2000:]}")

@@ -98,7 +98,8 @@ def start_run(mlflow_params: Mapping[str, Any], params: Mapping[str, Any], prove
     """Open a run in the experiment named in `mlflow_params`, logging flattened params and provenance tags."""
     from mlflow.tracking import MlflowClient
 
-    uri = str(mlflow_params.get("tracking_uri", DEFAULT_URI))
+    # MLFLOW_TRACKING_URI wins: a remote GPU worker reports to the shared server without a params change.
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or str(mlflow_params.get("tracking_uri", DEFAULT_URI))
     name = str(mlflow_params.get("experiment", DEFAULT_EXPERIMENT))
     artifacts = Path(mlflow_params.get("artifact_root", DEFAULT_ARTIFACTS))
     client = MlflowClient(tracking_uri=uri)

@@ -12,3 +12,4 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+os.environ.setdefault("IMER_NO_PREFECT", "1")  # Prefect tests (tests/prefect_server.py) clear this themselves

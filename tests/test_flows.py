@@ -287,3 +287,20 @@ def test_retrain_deployment_end_to_end(prefect_api, deployed, tmp_path):
             tags=FlowRunFilterTags(all_=[f"parent:{results[1].id}"])))
     assert sorted(c.name.split("-")[0] for c in children) == sorted(stages)
     assert all(c.state.is_completed() for c in children) and second_children == []
+
+
+@pytest.mark.slow
+def test_ingest_new_clips_runs_only_extraction_and_upstream(prefect_api, tmp_path):
+    """`ingest-new-clips` brings the extraction stages up to date and leaves training alone."""
+    stages = _dvc_stages()
+    if not {"ingest", "extract_acoustic", "train"} <= set(stages):
+        pytest.skip("dvc.yaml lacks the ingest/extraction/train stages")
+    from flows.retrain import EXTRACTION_TARGETS, ingest_new_clips_flow
+    from tests.repo_copy import make_repo_copy
+
+    repo = make_repo_copy(tmp_path / "repo", TINY_PIPELINE)
+    first = ingest_new_clips_flow(project_dir=str(repo))
+    assert set(EXTRACTION_TARGETS) | {"corpus", "ingest"} == set(first["ran"])
+    assert "train" not in first["stale"] and not (repo / "models").exists()
+    second = ingest_new_clips_flow(project_dir=str(repo))
+    assert second == {"stale": [], "ran": []}
