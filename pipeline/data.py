@@ -182,11 +182,28 @@ class MultimodalData:
         }
 
 
+def train_prior(data: MultimodalData) -> list[float]:
+    """What to predict for a sample with no modality: train class frequencies or mean train score.
+
+    Validation (checkpoint selection), evaluation and serving all use this one
+    answer, so the score that selects a checkpoint is the score the registry compares.
+    """
+    y = data.subset("train").view_target()
+    if len(y) == 0:
+        raise ValueError("no train rows to compute the prior for samples without any modality")
+    if data.task == "classification":
+        return (np.bincount(y.astype(np.int64), minlength=len(data.classes)) / len(y)).tolist()
+    return [float(np.mean(y))]
+
+
 def with_mask(batch: dict[str, Any], mask: np.ndarray | torch.Tensor, combination: int | None) -> dict[str, Any]:
     """The same batch under another effective mask (features are shared, not copied)."""
     mask = torch.as_tensor(np.asarray(mask, dtype=bool)) if not isinstance(mask, torch.Tensor) else mask
     eff = batch["natural"] & mask  # (B, 3)
-    comb = combination if combination is not None else torch.as_tensor(mask_to_index(eff.numpy()), dtype=torch.long)
+    if combination is None:  # each sample's effective combination (-1: nothing left)
+        comb = torch.as_tensor(mask_to_index(eff.cpu().numpy()), dtype=torch.long, device=eff.device)
+    else:
+        comb = combination
     lens = {m: torch.where(eff[:, j], batch["lengths_natural"][m], 0) for j, m in enumerate(MODALITY_ORDER)}
     return {**batch, "mask": eff, "lengths": lens, "combination": comb}
 

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.atomic import write_json
 from pipeline.combinations import COMBINATIONS, MASKS, MODALITY_ORDER, mask_to_index
-from pipeline.data import MultimodalData
+from pipeline.data import MultimodalData, train_prior
 from pipeline.metrics import classification_metrics, regression_metrics
 from pipeline.pyfunc_model import frame_from_arrays, predict_routed
 from pipeline.splits import read_random_masks
@@ -114,12 +114,7 @@ def _prior(data: MultimodalData, extra: dict[str, Any]) -> list[float]:
     """Train-split prior for samples with no modality: stored in the checkpoint, else from train labels."""
     if extra.get("prior") is not None:
         return [float(x) for x in extra["prior"]]
-    y = data.subset("train").view_target()
-    if len(y) == 0:
-        raise ValueError("no train rows to compute the prior for samples without any modality")
-    if data.task == "classification":
-        return (np.bincount(y.astype(np.int64), minlength=len(data.classes)) / len(y)).tolist()
-    return [float(np.mean(y))]
+    return train_prior(data)
 
 
 def _random_masks(view: MultimodalData, splits_dir: str | Path) -> dict[str, np.ndarray]:
@@ -195,10 +190,9 @@ def log_to_mlflow(result: dict[str, Any], run_id: str, tracking_uri: str, model_
     import mlflow
 
     from pipeline.pyfunc_model import log_pyfunc_model
+    from pipeline.tracking import fluent_uri
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+    with fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics(flat_test_metrics(result["metrics"]))
         for path in files:
             mlflow.log_artifact(str(path), "evaluation")

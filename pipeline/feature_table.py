@@ -164,6 +164,12 @@ class ChunkedRows:
         return self.shape[0]
 
     def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, tuple):  # (rows, *within-row): gather the rows first, then slice them
+            if not index:
+                return np.asarray(self)
+            head, rest = index[0], index[1:]
+            picked = self[head]
+            return picked[rest] if isinstance(head, (int, np.integer)) else picked[(slice(None), *rest)]
         if isinstance(index, (int, np.integer)):
             index = int(index) + (self.shape[0] if int(index) < 0 else 0)
             part = int(np.searchsorted(self.offsets, index, side="right")) - 1

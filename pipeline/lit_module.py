@@ -1,9 +1,10 @@
 """Thin LightningModule around MCULoRANet: one `model_step`, 7-combination validation, DPFT updates.
 
 Validation scores every combination every epoch: each val batch is read once and
-run through the model 7 times with masks (combination AND natural presence);
-samples left with no modality are excluded from that combination's score and
-counted. At each epoch end DPFT moves the sampler's combination probabilities q,
+run through the model 7 times with masks (combination AND natural presence), each
+sample routed to the adapters of that effective combination;
+samples left with no modality get the train prior (as in `evaluate` and serving,
+so the selection score is the registry's score) and are counted. At each epoch end DPFT moves the sampler's combination probabilities q,
 from separability on a fixed TRAINING monitoring batch (or validation scores for
 mode val_accuracy); test data is never seen here.
 """
@@ -48,6 +49,7 @@ class MCULoRAModule(pl.LightningModule):
         stage: str = "main",
         epoch_offset: int = 0,
         epoch_sink: Callable[[dict], None] | None = None,
+        prior: list[float] | None = None,
     ):
         super().__init__()
         self.model = model
@@ -60,6 +62,8 @@ class MCULoRAModule(pl.LightningModule):
         self.sampler, self.dpft, self.monitor_batch = sampler, dpft, monitor_batch
         self.stage, self.epoch_offset, self.epoch_sink = stage, epoch_offset, epoch_sink
         self.history: list[dict[str, Any]] = []
+        # (n_outputs,) prediction for samples with no modality; None leaves them out of the score
+        self.prior = None if prior is None else np.asarray(prior, dtype=np.float32)
         self.metric_names = CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
         self._val: dict[str, dict[str, list]] = {}
         self._last_val_scores: np.ndarray | None = None
@@ -87,16 +91,21 @@ class MCULoRAModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._val = {c: {"out": [], "true": [], "excluded": [0]} for c in COMBINATIONS}
+        self._val = {c: {"out": [], "true": [], "empty": [0]} for c in COMBINATIONS}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         masks = torch.as_tensor(MASKS, device=batch["natural"].device)  # (7, 3)
         for ci, c in enumerate(COMBINATIONS):
             keep = (batch["natural"] & masks[ci]).any(dim=1)  # (B,) samples with something left
-            self._val[c]["excluded"][0] += int((~keep).sum())
+            empty = ~keep
+            self._val[c]["empty"][0] += int(empty.sum())
+            if self.prior is not None and bool(empty.any()):
+                self._val[c]["out"].append(np.tile(self.prior, (int(empty.sum()), 1)))
+                self._val[c]["true"].append(batch["target"][empty].cpu().numpy())
             if not bool(keep.any()):
                 continue
-            sub = select_rows(with_mask(batch, masks[ci], ci), keep)
+            # each sample under its effective combination (c AND natural presence), as evaluate routes it
+            sub = select_rows(with_mask(batch, masks[ci], None), keep)
             out, _, _ = self.model_step(sub)
             self._val[c]["out"].append(out.prediction.detach().float().cpu().numpy())
             self._val[c]["true"].append(sub["target"].cpu().numpy())
@@ -105,8 +114,8 @@ class MCULoRAModule(pl.LightningModule):
         per_comb: dict[str, dict[str, float]] = {}
         self._last_val_metrics = {}
         for c in COMBINATIONS:
-            entry = self._val.get(c, {"out": [], "excluded": [0]})
-            self.log(f"val/excluded/{c}", float(entry["excluded"][0]))
+            entry = self._val.get(c, {"out": [], "empty": [0]})
+            self.log(f"val/empty/{c}", float(entry["empty"][0]))
             if not entry["out"]:
                 continue
             per_comb[c] = score_predictions(self.task, np.concatenate(entry["true"]), np.concatenate(entry["out"]),

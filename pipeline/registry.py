@@ -18,6 +18,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipeline.tracking import fluent_uri
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 SCORE_TAG = "val_score"
@@ -82,9 +84,11 @@ def register_candidate(
     version = _existing_version_for_run(client, model_name, run_id)
     if version is None:
         source, model_id = resolve_model_source(client, run_id, artifact_name)
-        version = client.create_model_version(
-            model_name, source=source, run_id=run_id, model_id=model_id
-        ).version
+        # the registry resolves a `models:/m-...` source through mlflow's global tracking URI
+        with fluent_uri(client.tracking_uri):
+            version = client.create_model_version(
+                model_name, source=source, run_id=run_id, model_id=model_id
+            ).version
     version = str(version)
     for key, value in {**evidence, SCORE_TAG: val_score, "run_id": run_id}.items():
         client.set_model_version_tag(model_name, version, key, _tag_value(value))

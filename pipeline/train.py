@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.combinations import COMBINATIONS
-from pipeline.data import MultimodalData
+from pipeline.data import MultimodalData, train_prior
 from pipeline.dpft import DPFTController
 from pipeline.lit_module import MCULoRAModule
 from pipeline.model import MCULoRANet, ModelConfig, save_model
@@ -90,10 +90,11 @@ def train_model(data: MultimodalData, params: dict[str, Any], out_dir: str | Pat
     config = build_model_config(data, params)
     model = MCULoRANet(config)
     val_loader = _val_loader(val, int(params.get("val_batch_size", 256)))
+    prior = train_prior(data)  # scores val samples left with no modality, exactly as evaluate does
     sink = (lambda e: tracking.log_epoch(e, step=e["epoch"])) if tracking is not None else None
     common = dict(lr=float(params.get("lr", 1e-3)), weight_decay=float(params.get("weight_decay", 1e-2)),
                   lambda_ort=float(params.get("lambda_ort", 0.1)), regression_loss=params.get("regression_loss", "l1"),
-                  selection_metric=metric, epoch_sink=sink)
+                  selection_metric=metric, epoch_sink=sink, prior=prior)
     history: list[dict] = []
     counts: dict[str, dict[str, int]] = {}
     regime = params.get("regime", "from_scratch")
@@ -142,7 +143,7 @@ def train_model(data: MultimodalData, params: dict[str, Any], out_dir: str | Pat
     extra = {
         "classes": list(data.classes), "task": task, "input_dims": data.input_dims, "seq_lens": data.seq_lens,
         "feature_config_hashes": {m: data.feature_meta[m].get("config_hash") for m in data.feature_meta},
-        "provenance": data.provenance, "seed": seed, "selection_metric": metric,
+        "prior": prior, "provenance": data.provenance, "seed": seed, "selection_metric": metric,
         "best_epoch": None if best is None else int(best["epoch"]), "params_hash": config_hash(params),
         "mlflow_run_id": None if tracking is None else tracking.run_id,
     }

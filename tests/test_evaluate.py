@@ -130,6 +130,23 @@ def test_empty_samples_get_train_prior_and_are_counted(evaluated):
     assert result["metrics"]["test"]["fixed"]["v"]["n_empty"] > 0  # the dataset has natural gaps
 
 
+def test_training_validation_scores_equal_evaluate_val_scores(evaluated, tmp_path):
+    """Checkpoint selection and the registry must compare the same number (empties -> prior in both)."""
+    from pipeline.data import train_prior
+    from pipeline.lit_module import MCULoRAModule
+    from pipeline.train import _trainer, _val_loader
+
+    root, data, result, _ = evaluated
+    model, _ = load_model(root / "model.pt")
+    module = MCULoRAModule(model, prior=train_prior(data))
+    _trainer(1, [], str(tmp_path)).validate(module, _val_loader(data.subset("val"), 16), verbose=False)
+    val = result["metrics"]["val"]["fixed"]
+    assert sum(val[c]["n_empty"] for c in COMBINATIONS) > 0  # the comparison covers empty samples
+    for c in COMBINATIONS:
+        for key in ("wa", "ua", "wf1"):
+            assert module._last_val_metrics[f"val/{key}/{c}"] == pytest.approx(val[c][key]), (c, key)
+
+
 def test_natural_protocol_routes_each_sample_to_its_combination(evaluated):
     root, data, result, _ = evaluated
     model, _ = load_model(root / "model.pt")
@@ -160,6 +177,7 @@ def store(tmp_path_factory):
 def test_pyfunc_round_trip_reproduces_direct_output(evaluated, store):
     root, data, result, _ = evaluated
     from pipeline.evaluate import log_to_mlflow
+    from pipeline.tracking import fluent_uri
 
     uri, client, exp = store
     run_id = client.create_run(exp).info.run_id
@@ -170,7 +188,8 @@ def test_pyfunc_round_trip_reproduces_direct_output(evaluated, store):
     batch = val.batch(np.arange(len(val)))
     frame = frame_from_arrays({m: x.numpy() for m, x in batch["features"].items()},
                               {m: x.numpy() for m, x in batch["lengths_natural"].items()}, batch["natural"].numpy())
-    served = mlflow.pyfunc.load_model(model_uri).predict(frame)
+    with fluent_uri(uri):
+        served = mlflow.pyfunc.load_model(model_uri).predict(frame)
     model, _ = load_model(root / "model.pt")
     direct = predict_frame(model, frame, result["serving"])
     pd.testing.assert_frame_equal(served.reset_index(drop=True), direct, check_exact=False, rtol=1e-6)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import pandas as pd
@@ -9,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.registry import CHALLENGER, CHAMPION, register_candidate
+from pipeline.tracking import fluent_uri
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +34,7 @@ def store(tmp_path_factory):
 
 def _logged_run(store) -> str:
     uri, _, exp_id = store
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with mlflow.start_run(experiment_id=exp_id) as run:
+    with fluent_uri(uri), mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.pyfunc.log_model(name="model", python_model=_Constant(), pip_requirements=["mlflow"])
     return run.info.run_id
 
@@ -54,8 +54,8 @@ def test_first_model_becomes_champion_with_evidence(store):
     assert mv.tags["data_hash"] == "abc123" and mv.tags["git_rev"] == "deadbeef"
     assert mv.tags["decision"] == "promoted" and mv.run_id == run_id
     # the registered version serves: it loads through its alias URI.
-    mlflow.set_registry_uri(store[0])
-    served = mlflow.pyfunc.load_model("models:/first-model@champion")
+    with fluent_uri(store[0]):
+        served = mlflow.pyfunc.load_model("models:/first-model@champion")
     assert len(served.predict(pd.DataFrame({"x": [1.0, 2.0]}))) == 2
 
 
@@ -96,8 +96,19 @@ def test_lower_is_better_and_rerun_reuses_version(store):
 
 def test_missing_logged_model_is_a_clear_error(store):
     uri, client, exp_id = store
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(experiment_id=exp_id) as run:
+    with fluent_uri(uri), mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.log_metric("x", 1.0)
     with pytest.raises(Exception, match="no logged model named 'model'"):
         register_candidate(run.info.run_id, "nothing-model", 0.5, {}, client)
+
+
+def test_fluent_uri_leaves_no_global_tracking_uri(store, monkeypatch):
+    """A stage that logs a model must not redirect later runs in the same process."""
+    uri, _, _ = store
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = mlflow.get_tracking_uri()
+    with fluent_uri(uri):
+        assert mlflow.get_tracking_uri() == uri and os.environ["MLFLOW_TRACKING_URI"] == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == before

@@ -105,3 +105,5 @@ def test_multi_batch_table_is_read_without_concatenating(tmp_path: Path) -> None
     np.testing.assert_array_equal(loaded.sequence[-1], seq[-1])
     np.testing.assert_array_equal(np.asarray(loaded.sequence), seq)
     np.testing.assert_array_equal(loaded.summary, summ)
+    for index in ((0, slice(None, 2)), (slice(3, 8), 1), (rows, slice(None), 0), (-2, 1, 1), (slice(None, None, -3),)):
+        np.testing.assert_array_equal(loaded.sequence[index], seq[index])  # numpy-style multi-axis indexing
