@@ -8,7 +8,12 @@ Random features at the published sizes and dimensions:
   ~8.5 GB of float32; `--mmsa-mosei-scale` imports a fraction of its rows and the script
   prints the measured figures and the linear extrapolation to full size.
 
-Each import runs in a fresh subprocess so its peak RSS (ru_maxrss of that child) is its own.
+Each import runs in a fresh subprocess. `peak_rss_gb` is ru_maxrss from wait4, which on Linux
+starts from the parent's own peak RSS at fork (the fixture writing), so it is at least that;
+`vmhwm_gb` is the child's own peak RSS (VmHWM after exec). Both count the file pages of
+memory-mapped arrays (page cache the kernel can drop), so the child also reports the peak of
+RssAnon (`peak_anon_gb`, anonymous memory: what cannot be reclaimed without swap), sampled
+from /proc/self/status every 50 ms by a thread; a spike shorter than that can be missed.
 The epoch time runs a fixed number of real training steps (forward, loss, backward, AdamW
 on the default model config) over the imported tables and scales to the epoch's batch count.
 
@@ -101,12 +106,34 @@ def write_mmsa(root: Path, dataset: str, n: int, shapes: dict[str, tuple[int, in
 
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, threading, time
 from pipeline.importers.stage import ImportConfig, import_dataset
+
+def status_kib():
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) for k, v in (l.split(":", 1) for l in f) if k in ("VmRSS", "RssAnon", "VmHWM")}
+
+peak = {"VmRSS": 0, "RssAnon": 0}
+done = threading.Event()
+
+def sample():
+    while True:
+        now = status_kib()
+        for k in peak:
+            peak[k] = max(peak[k], now[k])
+        if done.wait(0.05):
+            return
+
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 cfg = ImportConfig.from_params(json.loads(sys.argv[1]))
 t0 = time.perf_counter()
 summary = import_dataset(cfg, sys.argv[2] + "/manifest.parquet", sys.argv[2] + "/features")
-print(json.dumps({"wall_s": time.perf_counter() - t0, "rows": summary["rows"],
+wall = time.perf_counter() - t0
+done.set()
+sampler.join()
+print(json.dumps({"wall_s": wall, "rows": summary["rows"], "peak_anon_gb": peak["RssAnon"] / 1024**2,
+                  "peak_vmrss_sampled_gb": peak["VmRSS"] / 1024**2, "vmhwm_gb": status_kib()["VmHWM"] / 1024**2,
                   "shapes": {k: v["sequence_shape"] for k, v in summary["tables"].items()}}))
 """
 
@@ -186,6 +213,7 @@ def main() -> None:
         result.update(name=name, fixture_s=made, scale=scale)
         if scale != 1.0:
             result["extrapolated_full"] = {"wall_s": result["wall_s"] / scale, "peak_rss_gb": result["peak_rss_gb"] / scale,
+                                           "vmhwm_gb": result["vmhwm_gb"] / scale, "peak_anon_gb": result["peak_anon_gb"] / scale,
                                            "table_bytes_gb": result["table_bytes_gb"] / scale}
         if args.train_steps:
             strategy = "loso" if spec["dataset"].startswith("iemocap") else "manifest"

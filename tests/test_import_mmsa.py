@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.feature_table import read_feature_table
+from pipeline.importers import mmsa, safe_pickle
 from pipeline.importers.stage import TABLES, ImportConfig, import_dataset
 from pipeline.manifest import read_manifest
 from tests.import_fixtures import write_malicious, write_mmsa
@@ -107,3 +108,66 @@ def test_classification_dataset_is_rejected_for_mmsa(tmp_path):
         ImportConfig.from_params({"format": "mmsa", "dataset": "iemocap4", "pickle_path": "x"})
     with pytest.raises(KeyError, match="unknown keys \\['pickle'\\]"):
         ImportConfig.from_params({"format": "mmsa", "dataset": "mosi", "pickle": "x"})
+
+
+def _spy_spill(monkeypatch) -> list:
+    """Spill every array (threshold 0) and record each spill folder with the arrays read from it."""
+    monkeypatch.setattr(safe_pickle, "SPILL_BYTES", 0)
+    seen: list = []
+    real = mmsa.read_mmsa
+
+    def spy(*args, spill_dir=None, **kw):
+        splits = real(*args, spill_dir=spill_dir, **kw)
+        seen.append((spill_dir, sorted(p.name for p in spill_dir.iterdir()), [a for s in splits for a in s.arrays.values()]))
+        return splits
+
+    monkeypatch.setattr(mmsa, "read_mmsa", spy)
+    return seen
+
+
+@pytest.mark.parametrize("with_lengths", [True, False])
+def test_spilled_import_matches_in_memory_import(tmp_path, monkeypatch, with_lengths):
+    exp = write_mmsa(tmp_path / "unaligned_50.pkl", with_lengths=with_lengths)
+    _, _, _, plain = _run(tmp_path / "plain", exp.pickle_path)  # fixture arrays are far below 1 MiB: nothing spills
+    seen = _spy_spill(monkeypatch)
+    _, manifest, _, spilled = _run(tmp_path / "spilled", exp.pickle_path)
+    (spill_dir, files, arrays), = seen
+    assert spill_dir.parent == tmp_path / "spilled" / "out" / "features" and spill_dir.name.startswith(".mmsa-spill-")
+    assert len(files) >= 9 and all(isinstance(a, np.memmap) and not a.flags.writeable for a in arrays)
+    assert not spill_dir.exists()
+    assert sorted(p.name for p in spill_dir.parent.iterdir()) == sorted(f"{t}.arrow" for t in TABLES.values())
+    for m in TABLES:
+        a, b = plain[m], spilled[m]
+        assert a.failure_reason == b.failure_reason and a.content_hash == b.content_hash
+        np.testing.assert_array_equal(a.length, b.length)
+        np.testing.assert_array_equal(np.asarray(a.sequence[:]), np.asarray(b.sequence[:]))
+        np.testing.assert_array_equal(a.summary, b.summary)
+
+
+def test_spill_folder_is_removed_when_the_import_fails(tmp_path, monkeypatch):
+    path = _mutated(tmp_path, lambda d: d["train"].update(regression_labels=np.full(12, 5.0)))
+    monkeypatch.setattr(safe_pickle, "SPILL_BYTES", 0)
+    spills = []
+    real = safe_pickle.load_pickle
+
+    def record(*args, spill_dir=None, **kw):
+        obj = real(*args, spill_dir=spill_dir, **kw)
+        spills.append((spill_dir, len(list(spill_dir.iterdir()))))
+        return obj
+
+    monkeypatch.setattr(mmsa, "load_pickle", record)
+    with pytest.raises(ValueError, match="expected a value in"):
+        _run(tmp_path, path)
+    (spill_dir, count), = spills
+    assert count >= 9 and not spill_dir.exists()
+    assert not [p for p in (tmp_path / "out" / "features").iterdir() if p.name.startswith(".")]
+
+
+def test_release_pages_keeps_data_readable(tmp_path):
+    arr = np.arange(600_000, dtype=np.float32).reshape(100, 6000)
+    np.save(tmp_path / "a.npy", arr)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert float(mapped[50, 10]) == arr[50, 10]
+    mmsa.release_pages(mapped[10:20])  # a view unmaps its whole file's pages
+    mmsa.release_pages(arr)  # in memory: nothing to do
+    np.testing.assert_array_equal(mapped, arr)

@@ -84,3 +84,102 @@ def test_lean_load_of_large_arrays_matches(tmp_path):
     back = load_pickle(path, lean=True)
     np.testing.assert_array_equal(back["train"]["text"], big)
     assert back["train"]["again"] is back["train"]["text"]  # memoized arrays still shared
+
+
+def _spill_fixture() -> dict:
+    """Arrays just over the 1 MiB spill threshold in every layout numpy pickles, plus small ones."""
+    rng = np.random.default_rng(5)
+    text = rng.normal(size=(64, 50, 90)).astype(np.float32)  # 1.1 MiB, C order
+    return {
+        "train": {"text": text, "again": text,  # one array referenced twice: a memo back-reference
+                  "fortran": np.asfortranarray(rng.normal(size=(420, 330))),  # 1.06 MiB, Fortran order
+                  "permuted": rng.normal(size=(30, 60, 80)).transpose(1, 0, 2),  # neither C nor F: protocol 5 writes order K
+                  "big_endian": rng.normal(size=(400, 400)).astype(">f8"),
+                  "id": np.array([f"v{i:05d}$_$1" for i in range(30000)]),  # <U: 1.3 MiB
+                  "small": np.arange(12, dtype=np.int64).reshape(3, 4)},
+        "objects": np.array(["x", 1] * 70000, dtype=object),
+    }
+
+
+def _assert_same_arrays(back, ref) -> None:
+    for key, want in ref["train"].items():
+        got = back["train"][key]
+        np.testing.assert_array_equal(got, want, err_msg=key)
+        assert (got.dtype, got.shape, got.strides) == (want.dtype, want.shape, want.strides), key
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_spilled_load_matches_plain_load(tmp_path, protocol):
+    obj = _spill_fixture()
+    path = tmp_path / "big.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    ref = pickle.loads(path.read_bytes())
+    spill = tmp_path / "spill"
+    back = load_pickle(path, lean=True, spill_dir=spill)
+    _assert_same_arrays(back, ref)
+    train = back["train"]
+    assert train["again"] is train["text"]
+    for key in ("text", "fortran", "permuted", "big_endian", "id"):
+        assert isinstance(train[key], np.memmap) and not train[key].flags.writeable, key
+    assert train["fortran"].flags.f_contiguous
+    assert type(train["small"]) is np.ndarray and train["small"].flags.writeable  # small arrays stay in memory
+    assert back["objects"].dtype == object and type(back["objects"]) is np.ndarray  # never spilled
+    files = sorted(spill.glob("*.npy"))
+    assert len(files) == 5  # text spilled once despite two references
+    for f in files:
+        assert np.load(f, allow_pickle=False).dtype != object
+
+
+def test_spill_threshold_and_python2_strings(tmp_path):
+    class Py2Bytes(pickle._Pickler):  # writes bytes as Python-2 str (BINSTRING), as numpy arrays pickled by Python 2
+        dispatch = dict(pickle._Pickler.dispatch)
+
+        def save_bytes(self, obj: bytes) -> None:
+            self.write(pickle.BINSTRING + len(obj).to_bytes(4, "little") + obj)
+            self.memoize(obj)
+
+        dispatch[bytes] = save_bytes
+
+    arrays = {"c": np.random.default_rng(1).normal(size=(50, 40)), "f": np.asfortranarray(np.arange(2000.0).reshape(40, 50))}
+    path = tmp_path / "py2.pkl"
+    with path.open("wb") as handle:
+        Py2Bytes(handle, protocol=2).dump(arrays)
+    ref = pickle.loads(path.read_bytes(), encoding="latin1")
+    back = load_pickle(path, spill_dir=tmp_path / "spill", spill_bytes=1000)
+    for key in arrays:
+        np.testing.assert_array_equal(back[key], ref[key])
+        assert isinstance(back[key], np.memmap) and back[key].strides == ref[key].strides
+    kept = load_pickle(path, spill_dir=tmp_path / "spill2", spill_bytes=16000)
+    assert type(kept["c"]) is np.ndarray and type(kept["f"]) is np.ndarray  # 16000 bytes each: at the limit, kept
+
+
+def test_spill_mode_refuses_what_the_allow_list_refuses(tmp_path):
+    marker = tmp_path / "pwned"
+    path = write_malicious(tmp_path / "labels.pkl", marker)
+    with pytest.raises(UnsafePickleError) as err:
+        load_pickle(path, spill_dir=tmp_path / "spill", spill_bytes=0)
+    assert "system" in str(err.value) and str(path) in str(err.value)
+    assert not marker.exists()
+    blob = b"\x80\x02cnumpy\nload\n)R."
+    (tmp_path / "bad.pkl").write_bytes(blob)
+    with pytest.raises(UnsafePickleError, match="numpy.load"):
+        load_pickle(tmp_path / "bad.pkl", spill_dir=tmp_path / "spill", spill_bytes=0)
+    assert not list((tmp_path / "spill").iterdir())
+
+
+@pytest.mark.parametrize("protocol, bound_mib", [(2, 12), (3, 3), (4, 3), (5, 3)])
+def test_spilled_load_holds_about_one_array(tmp_path, protocol, bound_mib):
+    """Eight 2 MiB arrays: the lean load peaks at all of them (16 MiB), the spilled one at about one."""
+    import tracemalloc
+
+    obj = {f"a{i}": np.random.default_rng(i).normal(size=(512, 512)) for i in range(8)}  # random bytes: worst UTF-8 case
+    path = tmp_path / "big.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    tracemalloc.start()
+    try:
+        back = load_pickle(path, spill_dir=tmp_path / "spill")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < bound_mib * 2**20, peak / 2**20  # protocol 2 decodes each buffer from UTF-8 text: a few copies of one
+    assert all(isinstance(back[k], np.memmap) and np.array_equal(back[k], obj[k]) for k in obj)

@@ -4,12 +4,20 @@ One pickle: {"train"|"valid"|"test": {"text": (N, T_t, d_t), "audio": (N, T_a, d
 "vision": (N, T_v, d_v), "regression_labels": (N,), "id": (N,) "video$_$clip", ...}}.
 Optional per split: "audio_lengths"/"vision_lengths" (N,), and "text_bert" (N, 3, T_t)
 token ids / attention mask / segment ids, whose mask row gives the text lengths.
-The format keeps every array in one pickle, so the whole file is in memory while
-importing (peak RSS ~ pickle size + one array's unpickling copy).
+
+The format keeps every array in one pickle (~8.5 GB of float32 for MOSEI). With a
+`spill_dir`, each large array is written to a `.npy` file there while unpickling
+and read back as a read-only memmap, so memory holds about one array at a time
+(the largest, MOSEI's train text, ~2.5 GB) and the folder needs free disk about
+the pickle's size. Everything below reads the arrays a chunk of rows at a time
+and unmaps the pages it has read (`release_pages`), so RSS stays at about the
+largest array during unpickling and about one batch after it. Without a
+`spill_dir`, the whole file is in memory (peak RSS ~ pickle size).
 """
 from __future__ import annotations
 
 import hashlib
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,14 +45,17 @@ class MmsaSplit:
     length_source: dict[str, str]  # modality -> "pickle" | "text_bert_mask" | "trailing_zeros"
 
 
-def read_mmsa(path: str | Path, encoding: str = "latin1", aligned: str | bool = "auto") -> list[MmsaSplit]:
+def read_mmsa(
+    path: str | Path, encoding: str = "latin1", aligned: str | bool = "auto", spill_dir: str | Path | None = None,
+) -> list[MmsaSplit]:
     """Load and validate an MMSA pickle into train/val/test splits (in that order).
 
     `aligned` "auto" reads it from the file name (aligned_* vs unaligned_*); aligned
-    data must have the same T in every modality.
+    data must have the same T in every modality. `spill_dir` (see the module doc)
+    keeps large arrays on disk; the caller keeps it until the splits are no longer used.
     """
     path = Path(path)
-    obj = load_pickle(path, encoding, lean=True)
+    obj = load_pickle(path, encoding, lean=True, spill_dir=spill_dir)
     if not isinstance(obj, dict) or not all(k in obj for k in SPLITS):
         keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: an MMSA pickle is a dict with keys {list(SPLITS)}; got {keys}")
@@ -104,13 +115,34 @@ def _lengths(where: str, part: dict, m: str, arr: np.ndarray) -> tuple[np.ndarra
     elif m == "text" and "text_bert" in part and np.asarray(part["text_bert"]).ndim == 3:
         raw, source = np.asarray(part["text_bert"])[:, 1, :].sum(axis=1), "text_bert_mask"  # (N,) attention-mask sums
     else:
-        step = 256  # rows per chunk: the (rows, T, d) bool temporary stays small
-        return np.concatenate([miss.trailing_length(arr[i:i + step]) for i in range(0, n, step)]) if n else np.zeros(0, np.int32), "trailing_zeros"
+        return _trailing_lengths(arr), "trailing_zeros"
     if raw.shape[0] != n:
         raise ValueError(f"{where}: '{key}' has {raw.shape[0]} rows, '{ARRAY_KEYS[m]}' has {n}")
     if np.any(raw < 0) or np.any(raw > t):
         raise ValueError(f"{where}: '{key}' holds values outside [0, T={t}]")
     return raw.astype(np.int32), source
+
+
+def _trailing_lengths(arr: np.ndarray, step: int = 256) -> np.ndarray:
+    """(N,) lengths off trailing zeros, `step` rows at a time: the (rows, T, d) bool temporary stays small."""
+    out = []
+    for i in range(0, arr.shape[0], step):
+        release_pages(arr)
+        out.append(miss.trailing_length(arr[i:i + step]))
+    release_pages(arr)
+    return np.concatenate(out) if out else np.zeros(0, np.int32)
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Unmap the pages of a spilled array read so far (they stay in the page cache); no-op in memory.
+
+    Rows are read once, a batch at a time; without this every page read stays mapped
+    and RSS climbs to the pickle's size. That is reclaimable page cache, but RSS-based
+    monitors count it. Only read-only mappings: MADV_DONTNEED would discard a private copy's edits.
+    """
+    mapping = getattr(arr, "_mmap", None)  # numpy.memmap's mmap.mmap, shared by its views
+    if mapping is not None and getattr(arr, "mode", None) == "r" and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def split_session(uid: str) -> str:
@@ -121,6 +153,7 @@ def split_session(uid: str) -> str:
 def row_items(split: MmsaSplit, m: str, start: int, stop: int) -> tuple[list[tuple[np.ndarray | None, str | None]], list[str]]:
     """Per-row (valid steps, reason) for rows [start, stop) and a hash of each row's bytes."""
     arr, lengths = split.arrays[m], split.lengths[m]
+    release_pages(arr)  # the previous batch has been packed by now
     # Lengths read off trailing zeros: an all-zero row is absent content, not an empty sequence.
     empty = miss.ALL_ZERO if split.length_source[m] == "trailing_zeros" else miss.ZERO_LENGTH
     items, hashes = [], []

@@ -8,6 +8,7 @@ to staging files and moved into place together only when every check passed.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,7 +101,7 @@ def import_dataset(cfg: ImportConfig, manifest_out: str | Path, features_dir: st
         if cfg.format == "gcnet":
             rows, tables = _import_gcnet(cfg, staged)
         else:
-            rows, tables = _import_mmsa(cfg, staged)
+            rows, tables = _import_mmsa(cfg, staged, features_dir)
         for m in MODALITIES:
             os.replace(staged[m], features_dir / f"{TABLES[m]}.arrow")
     finally:
@@ -174,10 +175,18 @@ def _import_gcnet(cfg: ImportConfig, staged: dict[str, Path]) -> tuple[dict[str,
     return rows, tables
 
 
-def _import_mmsa(cfg: ImportConfig, staged: dict[str, Path]) -> tuple[dict[str, list], dict[str, dict]]:
+def _import_mmsa(cfg: ImportConfig, staged: dict[str, Path], features_dir: Path) -> tuple[dict[str, list], dict[str, dict]]:
+    """MMSA pickle -> tables. Large arrays are spilled to a hidden folder beside the tables
+    (free disk ~ the pickle's size) that lives exactly as long as this import, errors included."""
     if not cfg.pickle_path:
         raise ValueError("import.pickle_path is required for format mmsa")
-    splits = mmsa.read_mmsa(cfg.pickle_path, cfg.pickle_encoding, cfg.aligned)
+    with tempfile.TemporaryDirectory(prefix=".mmsa-spill-", dir=features_dir) as spill:
+        return _import_mmsa_splits(cfg, staged, Path(spill))
+
+
+def _import_mmsa_splits(cfg: ImportConfig, staged: dict[str, Path], spill: Path) -> tuple[dict[str, list], dict[str, dict]]:
+    """The import proper; its memmaps over `spill` are dropped when it returns, before the folder goes."""
+    splits = mmsa.read_mmsa(cfg.pickle_path, cfg.pickle_encoding, cfg.aligned, spill_dir=spill)
     uids = [uid for s in splits for uid in s.ids]
     tables = {}
     for m in MODALITIES:
@@ -191,6 +200,7 @@ def _import_mmsa(cfg: ImportConfig, staged: dict[str, Path]) -> tuple[dict[str, 
             for s in splits:
                 for start in range(0, len(s.ids), rows_per):
                     yield mmsa.row_items(s, m, start, min(start + rows_per, len(s.ids)))
+                mmsa.release_pages(s.arrays[m])  # the split's last batch is packed: unmap it
 
         extractor = {
             "name": "import", "format": "mmsa", "dataset": cfg.dataset, "pickle": str(cfg.pickle_path), "array": mmsa.ARRAY_KEYS[m],
