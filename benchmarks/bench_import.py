@@ -14,8 +14,9 @@ starts from the parent's own peak RSS at fork (the fixture writing), so it is at
 memory-mapped arrays (page cache the kernel can drop), so the child also reports the peak of
 RssAnon (`peak_anon_gb`, anonymous memory: what cannot be reclaimed without swap), sampled
 from /proc/self/status every 50 ms by a thread; a spike shorter than that can be missed.
-The epoch time runs a fixed number of real training steps (forward, loss, backward, AdamW
-on the default model config) over the imported tables and scales to the epoch's batch count.
+The epoch probe (`--train-steps N`, in its own child, with the same RssAnon sampler) fits the
+train-split feature statistics, runs N real training steps (forward, loss, backward, AdamW on
+the default model config) and one 7-combination validation pass, and scales to an epoch.
 
     .venv/bin/python benchmarks/bench_import.py --only gcnet_iemocap mmsa_mosi
     .venv/bin/python benchmarks/bench_import.py --train-steps 5
@@ -106,34 +107,20 @@ def write_mmsa(root: Path, dataset: str, n: int, shapes: dict[str, tuple[int, in
 
 
 CHILD = """
-import json, sys, threading, time
+import json, sys, time
+from benchmarks.bench_import import peak_sampler
 from pipeline.importers.stage import ImportConfig, import_dataset
 
-def status_kib():
-    with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) for k, v in (l.split(":", 1) for l in f) if k in ("VmRSS", "RssAnon", "VmHWM")}
-
-peak = {"VmRSS": 0, "RssAnon": 0}
-done = threading.Event()
-
-def sample():
-    while True:
-        now = status_kib()
-        for k in peak:
-            peak[k] = max(peak[k], now[k])
-        if done.wait(0.05):
-            return
-
-sampler = threading.Thread(target=sample, daemon=True)
-sampler.start()
+stop, peak = peak_sampler()
 cfg = ImportConfig.from_params(json.loads(sys.argv[1]))
 t0 = time.perf_counter()
 summary = import_dataset(cfg, sys.argv[2] + "/manifest.parquet", sys.argv[2] + "/features")
 wall = time.perf_counter() - t0
-done.set()
-sampler.join()
+stop()
+with open("/proc/self/status") as f:
+    hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
 print(json.dumps({"wall_s": wall, "rows": summary["rows"], "peak_anon_gb": peak["RssAnon"] / 1024**2,
-                  "peak_vmrss_sampled_gb": peak["VmRSS"] / 1024**2, "vmhwm_gb": status_kib()["VmHWM"] / 1024**2,
+                  "peak_vmrss_sampled_gb": peak["VmRSS"] / 1024**2, "vmhwm_gb": hwm / 1024**2,
                   "shapes": {k: v["sequence_shape"] for k, v in summary["tables"].items()}}))
 """
 
@@ -153,24 +140,80 @@ def run_import(params: dict, out: Path) -> dict:
     return result
 
 
-def epoch_time(out: Path, steps: int, task_strategy: str) -> dict:
-    """Time `steps` real training steps at batch 32 (default model) and scale to one epoch."""
+EPOCH_CHILD = """
+import json, sys, threading
+sys.path.insert(0, sys.argv[1])
+from benchmarks.bench_import import epoch_time, peak_sampler
+stop, peak = peak_sampler()
+result = epoch_time(*json.loads(sys.argv[2]))
+stop()
+result.update(peak_anon_gb=peak["RssAnon"] / 1024**2, peak_vmrss_sampled_gb=peak["VmRSS"] / 1024**2)
+print(json.dumps(result))
+"""
+
+
+def peak_sampler(interval: float = 0.05):
+    """Start a thread that tracks this process's peak VmRSS / RssAnon (KiB); returns (stop, peak dict)."""
+    import threading
+
+    peak = {"VmRSS": 0, "RssAnon": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while True:
+            with open("/proc/self/status") as f:
+                now = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in peak}
+            for k in peak:
+                peak[k] = max(peak[k], now[k])
+            if done.wait(interval):
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        done.set()
+        thread.join()
+
+    return stop, peak
+
+
+def epoch_in_child(out: Path, steps: int, strategy: str, val_rows: int) -> dict:
+    """`epoch_time` in a fresh interpreter, so its peak memory is the training's own."""
+    args = json.dumps([str(out), steps, strategy, val_rows])
+    done = subprocess.run([sys.executable, "-c", EPOCH_CHILD, str(ROOT), args], cwd=ROOT, check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def epoch_time(out: str | Path, steps: int, task_strategy: str, val_rows: int = 0) -> dict:
+    """Time `steps` real training steps at batch 32 (default model) and scale to one epoch.
+
+    Does what the train stage does before and around them: train-split feature
+    statistics (a pass over every train row), then one 7-combination validation pass
+    over `val_rows` validation samples (0 = all) through Lightning, timed separately.
+    """
     import torch
 
-    from pipeline.data import MultimodalData
+    from pipeline.data import MultimodalData, feature_statistics, train_prior
     from pipeline.lit_module import MCULoRAModule
     from pipeline.model import MCULoRANet
     from pipeline.sampler import BatchDataset, HomogeneousBatchSampler
     from pipeline.splits import build_splits
-    from pipeline.train import build_model_config
+    from pipeline.train import DEFAULT_SELECTION, _trainer, _val_loader, build_model_config
 
+    out = Path(out)
+    torch.set_num_threads(1)
     split_params = {"strategy": task_strategy, "fold": 0, "seed": 0, "missing_rates": [0.0]}
     build_splits(out / "manifest.parquet", out / "features", out / "splits", split_params)
     data = MultimodalData.load(out / "manifest.parquet", out / "features", out / "splits", include=("train", "val"))
-    train = data.subset("train")
+    train, val = data.subset("train"), data.subset("val")
     torch.manual_seed(0)
     model = MCULoRANet(build_model_config(data, {}))
-    module = MCULoRAModule(model)
+    t0 = time.perf_counter()
+    model.set_input_statistics(feature_statistics(train))
+    stats_s = time.perf_counter() - t0
+    module = MCULoRAModule(model, prior=train_prior(data), selection_metric=DEFAULT_SELECTION[data.task])
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sampler = HomogeneousBatchSampler(train.view_natural(), 32, 0)
     dataset = BatchDataset(train)
@@ -183,8 +226,16 @@ def epoch_time(out: Path, steps: int, task_strategy: str) -> dict:
         (l_task + 0.1 * l_ort).backward()
         optim.step()
     per_step = (time.perf_counter() - t0) / min(steps, len(keys))
+    if val_rows:
+        val = val.take(np.arange(min(val_rows, len(val))))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        _trainer(1, [], tmp).validate(module, _val_loader(val, 256), verbose=False)
+    val_s = time.perf_counter() - t0
     return {"train_rows": len(train), "batches_per_epoch": len(keys), "s_per_step": per_step,
-            "est_epoch_s": per_step * len(keys), "threads": torch.get_num_threads()}
+            "est_epoch_train_s": per_step * len(keys), "feature_stats_s": stats_s, "val_rows": len(val),
+            "val_7_combinations_s": val_s, "est_epoch_s": per_step * len(keys) + val_s * len(data.subset("val")) / len(val),
+            "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -192,6 +243,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=[*GCNET, *MMSA], default=[*GCNET, *MMSA])
     parser.add_argument("--mmsa-mosei-scale", type=float, default=0.25, help="fraction of MOSEI rows in the MMSA pickle")
     parser.add_argument("--train-steps", type=int, default=0, help="training steps to time per dataset (0 = skip)")
+    parser.add_argument("--val-rows", type=int, default=0, help="validation samples in the timed 7-combination pass (0 = all)")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     base = Path(args.workdir or tempfile.mkdtemp(prefix="bench-import-"))
@@ -217,7 +269,7 @@ def main() -> None:
                                            "table_bytes_gb": result["table_bytes_gb"] / scale}
         if args.train_steps:
             strategy = "loso" if spec["dataset"].startswith("iemocap") else "manifest"
-            result["train"] = epoch_time(root / "out", args.train_steps, strategy)
+            result["train"] = epoch_in_child(root / "out", args.train_steps, strategy, args.val_rows)
         print(json.dumps(result), flush=True)
 
 

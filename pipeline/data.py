@@ -196,6 +196,41 @@ def train_prior(data: MultimodalData) -> list[float]:
     return [float(np.mean(y))]
 
 
+def feature_statistics(data: MultimodalData, chunk: int = 512) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-feature (mean, std) of each modality over the valid frames of the view's present samples.
+
+    Raw features live on wildly different scales (eGeMAPS loudness vs. spectral
+    slopes, HOG cells ~1e-2); fitted on the train view only, so no val/test statistic
+    leaks into the model. Reads table rows in sorted chunks: MOSEI-size tables stay
+    memory-mapped, accumulators are float64.
+    """
+    pos = data._pos()
+    stats = {}
+    for j, m in enumerate(MODALITY_ORDER):
+        lens = data.lengths[m][pos]
+        sel = data.natural[pos, j] & (lens > 0)
+        order = np.argsort(data.rows[m][pos][sel], kind="stable")
+        rows, lens = data.rows[m][pos][sel][order], lens[sel][order]  # ascending table rows: sequential reads
+        d = data.features[m].shape[2]
+        total, total_sq, count, shift = np.zeros(d), np.zeros(d), 0, None
+        for start in range(0, len(rows), chunk):
+            x = np.asarray(data.features[m][rows[start:start + chunk]], dtype=np.float64)  # (n, T, d)
+            valid = np.arange(x.shape[1])[None, :] < lens[start:start + chunk, None]  # (n, T)
+            if shift is None:  # sums of shifted values keep the variance exact for large means
+                shift = x[valid].mean(axis=0)
+            frames = x[valid] - shift  # (frames, d)
+            total += frames.sum(axis=0)
+            total_sq += np.square(frames).sum(axis=0)
+            count += frames.shape[0]
+        if count == 0:
+            stats[m] = (np.zeros(d, np.float32), np.ones(d, np.float32))
+            continue
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        stats[m] = ((mean + shift).astype(np.float32), std.astype(np.float32))
+    return stats
+
+
 def with_mask(batch: dict[str, Any], mask: np.ndarray | torch.Tensor, combination: int | None) -> dict[str, Any]:
     """The same batch under another effective mask (features are shared, not copied)."""
     mask = torch.as_tensor(np.asarray(mask, dtype=bool)) if not isinstance(mask, torch.Tensor) else mask

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.atomic import atomic_path, write_json
 from pipeline.combinations import COMBINATIONS
-from pipeline.data import MultimodalData, train_prior
+from pipeline.data import MultimodalData, feature_statistics, train_prior
 from pipeline.dpft import DPFTController
 from pipeline.lit_module import MCULoRAModule
 from pipeline.model import MCULoRANet, ModelConfig, save_model
@@ -89,6 +89,8 @@ def train_model(data: MultimodalData, params: dict[str, Any], out_dir: str | Pat
         mode = "uniform"  # separability needs combination-specific branches; recorded in the summary
     config = build_model_config(data, params)
     model = MCULoRANet(config)
+    if params.get("standardise_inputs", True):
+        model.set_input_statistics(feature_statistics(train))  # train split only: no val/test statistic
     val_loader = _val_loader(val, int(params.get("val_batch_size", 256)))
     prior = train_prior(data)  # scores val samples left with no modality, exactly as evaluate does
     sink = (lambda e: tracking.log_epoch(e, step=e["epoch"])) if tracking is not None else None
@@ -149,7 +151,7 @@ def train_model(data: MultimodalData, params: dict[str, Any], out_dir: str | Pat
     }
     save_model(out_dir / "models" / "model.pt", model.eval(), extra)
     summary = {
-        "seed": seed, "regime": regime, "variant": variant, "dpft_mode": mode if variant != "plain" else "none",
+        "seed": seed, "regime": regime, "variant": variant, "standardise_inputs": bool(params.get("standardise_inputs", True)), "dpft_mode": mode if variant != "plain" else "none",
         "selection_metric": metric, "monitor": monitor,
         "best_epoch": extra["best_epoch"], "best_val_mean": None if best is None else float(best[monitor]),
         "best_val": {} if best is None else {c: best.get(f"val/{metric}/{c}") for c in COMBINATIONS},

@@ -137,3 +137,21 @@ def test_dropout_sampler_keeps_a_nonempty_subset_of_present():
     full = natural.all(axis=1)
     masks = np.concatenate([k.mask for k in keys])[np.argsort(seen)]
     assert len({tuple(m) for m in masks[full]}) == 7  # all 7 subsets occur for complete samples
+
+
+def test_feature_statistics_use_only_valid_frames_of_the_view(paths):
+    """Standardisation statistics: train view only, padding frames and absent modalities ignored."""
+    from pipeline.data import feature_statistics
+
+    data = MultimodalData.load(*paths)
+    assert (data.lengths["a"][data.lengths["a"] > 0] < data.features["a"].shape[1]).any()  # padding exists
+    train = data.subset("train")
+    stats = feature_statistics(train, chunk=7)  # several chunks
+    pos = train._pos()
+    for j, m in enumerate(MODALITY_ORDER):
+        frames = [np.asarray(data.features[m][data.rows[m][p]])[: data.lengths[m][p]]
+                  for p in pos if data.natural[p, j] and data.lengths[m][p] > 0]
+        want = np.concatenate(frames).astype(np.float64)
+        np.testing.assert_allclose(stats[m][0], want.mean(axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stats[m][1], want.std(axis=0), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(stats["a"][0], feature_statistics(data.subset("val"))["a"][0])  # view-specific

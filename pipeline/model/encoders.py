@@ -67,11 +67,21 @@ class ModalityEncoder(nn.Module):
         super().__init__()
         D = cfg.d_model
         self.max_len = max_len
+        # Per-feature standardisation fitted on the train split (`set_input_statistics`); identity until
+        # then. Buffers, so a saved checkpoint and the served model standardise exactly as training did.
+        self.register_buffer("in_mean", torch.zeros(d_in))
+        self.register_buffer("in_scale", torch.ones(d_in))
         self.proj = make_linear(cfg, d_in, D, "input")
         self.pos = nn.Parameter(torch.randn(max_len, D) * 0.02)  # learned positions
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(D)
         self.drop = nn.Dropout(cfg.dropout)
+
+    def set_input_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise inputs as (x - mean) / std per feature; a constant feature (std ~ 0) is only centred."""
+        std = torch.as_tensor(std, dtype=torch.float32)
+        self.in_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.in_scale.copy_(torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.ones_like(std)))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -79,7 +89,7 @@ class ModalityEncoder(nn.Module):
         if T > self.max_len:
             raise ValueError(f"sequence of {T} tokens exceeds seq_len={self.max_len} of this modality")
         valid = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (N, T)
-        x = torch.where(valid.unsqueeze(-1), x, 0.0)  # padding (even NaN) can never leak in
+        x = torch.where(valid.unsqueeze(-1), (x - self.in_mean) * self.in_scale, 0.0)  # padding (even NaN) never leaks in
         z, shared, spec = self.proj.forward_with_branches(x)  # (N, T, D) each
         r_com = masked_mean(shared, valid) if shared is not None else None  # (N, D)
         r_spec = masked_mean(spec, valid) if spec is not None else None  # (N, D)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -89,6 +90,11 @@ class MCULoRANet(nn.Module):
         return comb
 
     # ---- regimes ---------------------------------------------------------------------------------
+    def set_input_statistics(self, stats: dict[str, tuple[Any, Any]]) -> None:
+        """Per-modality (mean, std) over the train split's valid frames (see `feature_statistics`)."""
+        for m, (mean, std) in stats.items():
+            self.encoders[m].set_input_statistics(torch.as_tensor(mean), torch.as_tensor(std))
+
     def freeze_base(self) -> None:
         """two_stage regime, stage 2: only adapters and the prediction head stay trainable."""
         for name, p in self.named_parameters():
