@@ -83,6 +83,7 @@ class ClipOutcome:
     extras: dict[str, float] = field(default_factory=dict)
     cache_hit: bool = False
     extract_s: float = 0.0  # share of time spent inside the extractor (0 for cache hits)
+    setup_s: float = 0.0  # extractor set-up (model load) paid by the chunk that built it; on its first clip
     extraction_failure: bool = False  # True only for a failed clip whose file exists
 
 
@@ -153,12 +154,14 @@ def scoped_thread_limit(n: int) -> Iterator[None]:
                 threadpool_limits(limits=info["num_threads"], user_api=info["user_api"])
 
 
-def worker_extractor(spec: ExtractorSpec) -> Extractor:
-    """The extractor for `spec`, built and set up once per process."""
+def worker_extractor(spec: ExtractorSpec, setup: bool = True) -> Extractor:
+    """The extractor for `spec`, built once per process; set up (models loaded) once, when `setup`."""
     ext = _WORKER_EXTRACTORS.get(_extractor_key(spec.modality, spec.config))
     if ext is None:
         ext = build_extractor(spec.modality, spec.config)
         _WORKER_EXTRACTORS[_extractor_key(spec.modality, spec.config)] = ext
+    if not setup:
+        return ext
     if spec.threads is not None:
         limit_threads(spec.threads)  # before set-up: env vars size pools of libraries loaded by it
     ext.ensure_setup()
@@ -169,7 +172,7 @@ def worker_extractor(spec: ExtractorSpec) -> Extractor:
 
 def extract_chunk(spec: ExtractorSpec, jobs: list[ClipJob], cache_dir: str | None) -> list[ClipOutcome]:
     """Extract a chunk of clips (cache first); never raises for a bad clip."""
-    ext = worker_extractor(spec)
+    ext = worker_extractor(spec, setup=False)  # a chunk of cache hits never loads the models
     cache = Path(cache_dir) / ext.config_hash if cache_dir else None
     outcomes: dict[str, ClipOutcome] = {}
     todo: list[ClipJob] = []
@@ -179,7 +182,11 @@ def extract_chunk(spec: ExtractorSpec, jobs: list[ClipJob], cache_dir: str | Non
             outcomes[job.utterance_id] = hit
         else:
             todo.append(job)
+    setup_s = 0.0
     if todo:
+        start = time.perf_counter()
+        worker_extractor(spec)
+        setup_s = time.perf_counter() - start  # ~0 once this process has set it up
         start = time.perf_counter()
         results = ext.extract_many([Path(j.path) for j in todo])
         per_clip = (time.perf_counter() - start) / len(todo)
@@ -189,7 +196,10 @@ def extract_chunk(spec: ExtractorSpec, jobs: list[ClipJob], cache_dir: str | Non
             outcomes[job.utterance_id] = out
             if cache is not None and (out.present or not out.failure_reason.startswith("extractor_error")):
                 save_cached(cache, job, out)
-    return [outcomes[j.utterance_id] for j in jobs]
+    ordered = [outcomes[j.utterance_id] for j in jobs]
+    if ordered:
+        ordered[0].setup_s = setup_s
+    return ordered
 
 
 def _to_outcome(job: ClipJob, result: ClipFeatures | Exception, ext: Extractor) -> ClipOutcome:
@@ -398,6 +408,7 @@ def _finish(modality, ids, jobs, outcomes, extractor, out_path: Path, max_failur
         "cache_hits": sum(o.cache_hit for o in rows if o.content_hash is not None),
         "cache_misses": sum(not o.cache_hit for o in rows if o.content_hash is not None),
         "extract_s": sum(o.extract_s for o in rows),
+        "setup_s": sum(o.setup_s for o in rows),  # extractor set-up, summed over the processes that built one
         "workers": workers,
     }
     report = {

@@ -77,6 +77,21 @@ def test_cache_extracts_only_new_clips_and_all_after_config_change(tmp_path):
     assert read_feature_table(tmp_path / "features" / "acoustic.arrow").sequence.shape == (6, 4, 50)
 
 
+def test_a_run_of_cache_hits_never_loads_the_model(tmp_path, monkeypatch):
+    """Re-running with nothing new (e.g. a scheduled ingest) skips the 6 s MiniLM load."""
+    from features import runner
+
+    rows = good_clips(tmp_path / "media", 3, modalities=("text",))
+    manifest = make_manifest(tmp_path / "m.parquet", rows)
+    out, cache = tmp_path / "features" / "textual.arrow", tmp_path / "cache"
+    first = run_extraction("textual", manifest, out, cache, {}, workers=1, max_failure_share=0.9, progress=False)
+    assert first["cache_misses"] == 3
+    monkeypatch.setattr(runner, "_WORKER_EXTRACTORS", {})  # as in a fresh process
+    again = run_extraction("textual", manifest, out, cache, {}, workers=1, max_failure_share=0.9, progress=False)
+    assert (again["cache_hits"], again["cache_misses"], again["setup_s"]) == (3, 0, 0.0)
+    assert not any(ext._ready for ext in runner._WORKER_EXTRACTORS.values())
+
+
 def test_deterministic_failures_are_cached_unexpected_errors_are_not(tmp_path):
     files = bad_audio(tmp_path / "bad")
     cache = tmp_path / "cache"
