@@ -20,9 +20,10 @@ $(STAMP): requirements/lock.txt pyproject.toml
 
 install: $(STAMP)
 
-## Main job: raw clips of the embedded default corpus -> features -> ... via DVC.
+## Main job: raw clips of the embedded default corpus -> ... -> registered model, via DVC
+## (`imer repro` = `dvc repro` with one local Prefect API for all stages, stopped at the end).
 run: $(STAMP)
-	dvc repro
+	imer repro
 
 ## Fast test suite (slow and GPU tests are skipped by default).
 test: $(STAMP)

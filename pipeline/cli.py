@@ -42,9 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.servers import main as servers_main
 
         return servers_main(argv[1:])
+    if argv[:1] == ["repro"]:
+        from pipeline.repro import main as repro_main
+
+        return repro_main(argv[1:])
     parser = argparse.ArgumentParser(prog="imer", description=__doc__.splitlines()[0])
     parser.add_argument("stages", nargs="+", choices=sorted(STAGE_MODULES), metavar="stage",
-                        help=f"stage(s) to run in order, from: {', '.join(STAGE_MODULES)} (or: servers start|stop|status)")
+                        help=f"stage(s) to run in order, from: {', '.join(STAGE_MODULES)} (or: servers start|stop|status; repro [dvc repro options])")
     parser.add_argument("--params", action="append", help="params file; repeat to overlay (default: params.yaml)")
     parser.add_argument("--no-prefect", action="store_true", help="run the bare stage function (also IMER_NO_PREFECT=1)")
     args = parser.parse_args(argv)
