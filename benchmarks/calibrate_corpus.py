@@ -33,22 +33,20 @@ def video_features(paths: list[Path], n_frames: int = 8) -> tuple[np.ndarray, fl
     """Mean HOG of the Haar face crop over a few frames; also the share of frames with a face."""
     import cv2
 
+    from features.base import ClipError
+    from features.visual import read_frames
+
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
     hog = cv2.HOGDescriptor((64, 64), (16, 16), (8, 8), (8, 8), 9)
     feats, found, seen = [], 0, 0
     for p in paths:
-        cap = cv2.VideoCapture(str(p))
-        frames = []
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            frames.append(frame)
-        cap.release()
-        picks = np.linspace(0, len(frames) - 1, min(n_frames, len(frames))).round().astype(int)
+        try:
+            frames = read_frames(p, n_frames)  # evenly spaced over the clip
+        except ClipError:
+            frames = []  # unreadable or frameless: a zero descriptor, as before
         descs, last_box = [], None
-        for i in picks:
-            grey = cv2.cvtColor(frames[i], cv2.COLOR_BGR2GRAY)
+        for frame in frames:
+            grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
             boxes = cascade.detectMultiScale(grey, 1.1, 3, minSize=(30, 30))
             seen += 1
             if len(boxes):

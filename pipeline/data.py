@@ -209,16 +209,18 @@ def feature_statistics(data: MultimodalData, chunk: int = 512) -> dict[str, tupl
     for j, m in enumerate(MODALITY_ORDER):
         lens = data.lengths[m][pos]
         sel = data.natural[pos, j] & (lens > 0)
-        order = np.argsort(data.rows[m][pos][sel], kind="stable")
-        rows, lens = data.rows[m][pos][sel][order], lens[sel][order]  # ascending table rows: sequential reads
+        rows, lens = data.rows[m][pos][sel], lens[sel]
+        order = np.argsort(rows, kind="stable")
+        rows, lens = rows[order], lens[order]  # ascending table rows: sequential reads
         d = data.features[m].shape[2]
         total, total_sq, count, shift = np.zeros(d), np.zeros(d), 0, None
         for start in range(0, len(rows), chunk):
             x = np.asarray(data.features[m][rows[start:start + chunk]], dtype=np.float64)  # (n, T, d)
             valid = np.arange(x.shape[1])[None, :] < lens[start:start + chunk, None]  # (n, T)
+            frames = x[valid]  # (frames, d)
             if shift is None:  # sums of shifted values keep the variance exact for large means
-                shift = x[valid].mean(axis=0)
-            frames = x[valid] - shift  # (frames, d)
+                shift = frames.mean(axis=0)
+            frames -= shift
             total += frames.sum(axis=0)
             total_sq += np.square(frames).sum(axis=0)
             count += frames.shape[0]

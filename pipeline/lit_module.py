@@ -2,11 +2,12 @@
 
 Validation scores every combination every epoch: each val batch is read once and
 run through the model 7 times with masks (combination AND natural presence), each
-sample routed to the adapters of that effective combination;
-samples left with no modality get the train prior (as in `evaluate` and serving,
-so the selection score is the registry's score) and are counted. At each epoch end DPFT moves the sampler's combination probabilities q,
-from separability on a fixed TRAINING monitoring batch (or validation scores for
-mode val_accuracy); test data is never seen here.
+sample routed to the adapters of that effective combination; samples left with no
+modality get the train prior (as in `evaluate` and serving, so the selection score
+is the registry's score) and are counted. At each epoch end DPFT moves the
+sampler's combination probabilities q, from separability on a fixed TRAINING
+monitoring batch (or validation scores for mode val_accuracy); test data is never
+seen here.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ With none configured, Prefect starts a temporary server inside each process (~10
 per stage). This wrapper starts one `prefect server start` on a free 127.0.0.1 port
 (scheduler off: a one-off server must not fire deployment schedules), points the
 stages at it, and stops exactly that process group when DVC returns, also on error
-or Ctrl-C. Nothing stale -> no server at all. An existing PREFECT_API_URL, or
-IMER_NO_PREFECT=1, is used as is.
+or Ctrl-C. Nothing stale -> no server at all. An existing PREFECT_API_URL is used
+as is; with Prefect off (IMER_NO_PREFECT=1, orchestration.prefect: false) none is started.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from flows.settings import prefect_enabled
 from pipeline.servers import free_port, prefect_spec, start_server, stop_server
 
 SERVER_NAME = "prefect-repro"
@@ -36,7 +37,7 @@ def repro(dvc_args: Sequence[str] = (), root: str | Path = ".", command: Sequenc
     """Run `dvc repro *dvc_args` (or `command`) in `root` with a shared local Prefect API; its exit code."""
     root = Path(root).resolve()
     argv = list(command) if command is not None else ["dvc", "repro", *dvc_args]
-    bare = os.environ.get("IMER_NO_PREFECT") == "1" or bool(os.environ.get("PREFECT_API_URL"))
+    bare = not prefect_enabled(root / "params.yaml") or bool(os.environ.get("PREFECT_API_URL"))
     if bare or (command is None and not dvc_args and pipeline_is_current(root)):
         return subprocess.call(argv, cwd=root)
     run_dir = root / "run"
