@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from pipeline.model import MCULoRANet, ModelConfig, task_loss
+from pipeline.methods import MCULoRANet, ModelConfig, task_loss
 
 # Representative feature shapes: eGeMAPS LLD mean+std per segment, MiniLM tokens, HOG+LBP faces.
 SEQ = {"a": 16, "t": 32, "v": 16}

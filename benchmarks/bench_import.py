@@ -195,10 +195,10 @@ def epoch_time(out: str | Path, steps: int, task_strategy: str, val_rows: int = 
     """
     import torch
 
-    from pipeline.data import MultimodalData, feature_statistics, train_prior
-    from pipeline.lit_module import MCULoRAModule
-    from pipeline.model import MCULoRANet
-    from pipeline.sampler import BatchDataset, HomogeneousBatchSampler
+    from pipeline.training.data import MultimodalData, feature_statistics, train_prior
+    from pipeline.training.lit_module import MCULoRAModule
+    from pipeline.methods import MCULoRANet
+    from pipeline.training.samplers import BatchDataset, HomogeneousBatchSampler
     from pipeline.splits import build_splits
     from pipeline.train import DEFAULT_SELECTION, _trainer, _val_loader, build_model_config
 

@@ -65,7 +65,7 @@ def base_env(home: Path) -> dict[str, str]:
 
 
 def bench_pipeline(tmp: Path, utterances: int) -> dict:
-    from pipeline.servers import free_port, prefect_spec, start_server, stop_server
+    from flows.servers import free_port, prefect_spec, start_server, stop_server
 
     params = tiny_params(utterances)
     out: dict[str, dict[str, float]] = {}

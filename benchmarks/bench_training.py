@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 
-from pipeline.data import MultimodalData
+from pipeline.training.data import MultimodalData
 from pipeline.splits import build_splits
-from pipeline.testing_data import make_feature_dataset
+from tests.factories import make_feature_dataset
 from pipeline.train import train_model
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.combinations import COMBINATIONS
-from pipeline.params import load_params
+from pipeline.core.modalities import COMBINATIONS
+from pipeline.core.params import load_params
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {"variant": "plain"},
@@ -41,7 +41,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def run_one(project: str, name: str, seed: int, out_root: str, params_path: str) -> dict[str, Any]:
     """Train one variant with one seed and evaluate it once; returns its test/val scores and timings."""
-    from pipeline.data import MultimodalData
+    from pipeline.training.data import MultimodalData
     from pipeline.evaluate import evaluate_model
     from pipeline.train import train_model
 

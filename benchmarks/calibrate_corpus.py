@@ -73,7 +73,7 @@ def real_features(modality: str, paths: list[Path]) -> tuple[np.ndarray, np.ndar
     """imer's own extractor (features/), params from params.yaml; returns (summary (N, d_s), ok mask)."""
     from features.registry import build_extractor
     from features.runner import RUNNER_KEYS
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     params = load_params(f"extract_{modality}")
     extractor = build_extractor(modality, {k: v for k, v in params.items() if k not in RUNNER_KEYS})
@@ -111,7 +111,7 @@ def main() -> None:
     corpus = Path(args.corpus)
     if args.generate:
         from pipeline.corpus import generate_corpus
-        from pipeline.params import load_params
+        from pipeline.core.params import load_params
 
         params = load_params("corpus")
         params.update({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})

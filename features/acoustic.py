@@ -11,6 +11,7 @@ file, and those numbers would look like a real (very calm) speaker.
 """
 from __future__ import annotations
 
+import io
 import math
 import struct
 from pathlib import Path
@@ -34,7 +35,7 @@ STATS = ("mean", "std")
 
 class AcousticExtractor(Extractor):
     modality = "acoustic"
-    version = 1
+    version = 2  # 2: silence judged without DC offset; zero-length WAV data chunks read
     defaults = DEFAULTS
     preload = ("features.acoustic", "opensmile", "soundfile", "scipy.signal")
 
@@ -84,9 +85,16 @@ def load_audio(path: Path, rate: int, min_duration_s: float, silence_dbfs: float
     size = path.stat().st_size
     if size == 0:
         raise ClipError("unreadable_audio", path, "zero-byte file")
-    _check_wav_truncation(path)
+    source: str | io.BytesIO = str(path)
+    patch = _check_wav_header(path)
+    if patch is not None:  # streaming writer: data length left at 0, samples follow
+        blob = bytearray(path.read_bytes())
+        field_at, available = patch
+        struct.pack_into("<I", blob, 4, len(blob) - 8)  # RIFF size, often left at 0 too
+        struct.pack_into("<I", blob, field_at, available)
+        source = io.BytesIO(bytes(blob))
     try:
-        data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
+        data, file_rate = sf.read(source, dtype="float32", always_2d=True)  # (n, channels)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
         raise ClipError("unreadable_audio", path, f"cannot decode ({exc})") from exc
     if data.size == 0:
@@ -100,31 +108,41 @@ def load_audio(path: Path, rate: int, min_duration_s: float, silence_dbfs: float
     duration = len(mono) / rate
     if duration < min_duration_s:
         raise ClipError("too_short_audio", path, f"{duration:.3f} s < {min_duration_s} s")
-    rms = float(np.sqrt(np.mean(np.square(mono, dtype=np.float64))))
+    # Silence is judged on the signal without its DC offset: a constant level is not sound.
+    centred = mono.astype(np.float64) - float(np.mean(mono, dtype=np.float64))
+    rms = float(np.sqrt(np.mean(np.square(centred))))
     dbfs = 20 * math.log10(rms) if rms > 0 else -math.inf
     if dbfs < silence_dbfs:
-        raise ClipError("silent_audio", path, f"RMS {dbfs:.1f} dBFS < {silence_dbfs} dBFS")
+        raise ClipError("silent_audio", path, f"RMS without DC offset {dbfs:.1f} dBFS < {silence_dbfs} dBFS")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def _check_wav_truncation(path: Path) -> None:
-    """A WAV whose data chunk declares more bytes than the file holds was cut short.
+def _check_wav_header(path: Path) -> tuple[int, int] | None:
+    """Check a RIFF/WAVE header against the file; None, or where to patch a zero data length.
 
-    libsndfile silently reads what is there, so truncation must be checked on the header.
+    - A data chunk declaring more bytes than the file holds was cut short: libsndfile
+      silently reads what is there, so truncation must be checked on the header.
+    - A data chunk declaring 0 bytes with bytes after it comes from a streaming writer
+      that never went back to fill in the length: returns (offset of the length field,
+      whole sample frames that follow, in bytes) so the caller can read them.
     """
     with path.open("rb") as fh:
         head = fh.read(12)
         if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return  # not a RIFF/WAVE file: leave it to the decoder
+            return None  # not a RIFF/WAVE file: leave it to the decoder
         size = path.stat().st_size
-        pos = 12
+        pos, block_align = 12, 1
         while pos + 8 <= size:
             fh.seek(pos)
             chunk_id, chunk_len = struct.unpack("<4sI", fh.read(8))
+            if chunk_id == b"fmt " and chunk_len >= 14:
+                block_align = max(1, struct.unpack("<H", fh.read(14)[12:14])[0])
             if chunk_id == b"data":
                 available = size - pos - 8
+                if chunk_len == 0 and available >= block_align:
+                    return pos + 4, available - available % block_align
                 if chunk_len != 0xFFFFFFFF and chunk_len > available:
                     raise ClipError("truncated_audio", path, f"data chunk declares {chunk_len} bytes, file holds {available}")
-                return
+                return None
             pos += 8 + chunk_len + (chunk_len & 1)
         raise ClipError("truncated_audio", path, "RIFF/WAVE file without a data chunk")

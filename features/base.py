@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.params import config_hash as _hash
+from pipeline.core.params import config_hash as _hash
 
 
 class ClipError(Exception):

@@ -5,6 +5,7 @@ import importlib
 from typing import Any
 
 from features.base import Extractor
+from pipeline.core.modalities import MANIFEST_OF_TABLE
 
 EXTRACTORS: dict[str, str] = {
     "acoustic": "features.acoustic:AcousticExtractor",
@@ -12,7 +13,7 @@ EXTRACTORS: dict[str, str] = {
     "textual": "features.textual:TextualExtractor",
 }
 # The manifest column family each modality reads (audio_path, audio_missing, ...).
-MANIFEST_MODALITY: dict[str, str] = {"acoustic": "audio", "visual": "video", "textual": "text"}
+MANIFEST_MODALITY = MANIFEST_OF_TABLE
 
 
 def build_extractor(modality: str, config: dict[str, Any]) -> Extractor:

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from features.runner import stage_from_params
-from pipeline.params import load_params
+from pipeline.core.params import load_params
 
 SECTION = "extract_textual"
 

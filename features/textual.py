@@ -13,6 +13,7 @@ no hub call); texts of one chunk are encoded together in batches for speed.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from pathlib import Path
@@ -44,22 +45,41 @@ def model_dir(name: str) -> Path:
     return path
 
 
-def read_text(path: Path) -> str:
-    """Strict UTF-8 (a BOM is dropped); ClipError for undecodable or blank files."""
-    raw = Path(path).read_bytes()
+def byte_budget(summary_max_tokens: int) -> int:
+    """Bytes of a transcript worth reading: 512 per token the encoder sees.
+
+    A word piece comes from a word of at most 100 characters (longer words become one
+    [UNK]), i.e. at most 400 UTF-8 bytes, so a text whose usable tokens fit the budget
+    is encoded exactly as if it had been read whole; only what lies past them is cut.
+    """
+    return 512 * int(summary_max_tokens)
+
+
+def read_text(path: Path, max_bytes: int | None = None) -> tuple[str, bool]:
+    """Strict UTF-8 (a BOM is dropped) of at most `max_bytes` bytes -> (text, truncated).
+
+    ClipError for undecodable or blank files. A cut inside a multi-byte character drops
+    that partial character; it is not an encoding error.
+    """
+    with Path(path).open("rb") as fh:
+        raw = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+    truncated = max_bytes is not None and len(raw) > max_bytes
+    if truncated:
+        raw = raw[:max_bytes]
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     try:
-        text = raw.decode("utf-8-sig")
+        text = decoder.decode(raw, final=not truncated)  # not final: a cut character stays buffered
     except UnicodeDecodeError as exc:
         raise ClipError("undecodable_text", path, f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     text = " ".join(text.split())
     if not text:
         raise ClipError("empty_text", path, "no words in the transcript")
-    return text
+    return text, truncated
 
 
 class TextualExtractor(Extractor):
     modality = "textual"
-    version = 1
+    version = 2  # 2: a text without a real token is empty_text
     defaults = DEFAULTS
     preload = ("features.textual", "torch", "transformers")
 
@@ -107,23 +127,35 @@ class TextualExtractor(Extractor):
     def extract_many(self, paths: Sequence[Path]) -> list[ClipFeatures | Exception]:
         self.ensure_setup()
         results: list[ClipFeatures | Exception | None] = [None] * len(paths)
-        texts: list[tuple[int, str]] = []
+        texts: list[tuple[int, str, bool]] = []
+        budget = byte_budget(int(self.config["summary_max_tokens"]))
         for i, path in enumerate(paths):
             try:
-                texts.append((i, read_text(Path(path))))
+                texts.append((i, *read_text(Path(path), budget)))
             except Exception as exc:  # noqa: BLE001 - ClipError or I/O error, classified by the runner
                 results[i] = exc
         size = int(self.config["batch_size"])
         for start in range(0, len(texts), size):
             batch = texts[start : start + size]
-            for (i, _), feats in zip(batch, self._encode([t for _, t in batch])):
+            for (i, _, truncated), feats in zip(batch, self._encode([t for _, t, _ in batch])):
+                if feats is None:
+                    results[i] = ClipError("empty_text", paths[i], "no token the encoder knows (only characters the tokenizer drops)")
+                    continue
+                if truncated:
+                    feats.extras["truncated_text"] = 1.0
                 results[i] = feats
         return results  # type: ignore[return-value]
 
-    def _encode(self, texts: list[str]) -> list[ClipFeatures]:
+    def _encode(self, texts: list[str]) -> list[ClipFeatures | None]:
+        """Encode a batch; None for a text that tokenizes to special tokens only."""
         torch = self._torch
         t_max = int(self.config["max_tokens"])
-        enc = self._tokenizer(texts, padding=True, truncation=True, max_length=int(self.config["summary_max_tokens"]), return_tensors="pt")
+        enc = self._tokenizer(
+            texts, padding=True, truncation=True, max_length=int(self.config["summary_max_tokens"]),
+            return_tensors="pt", return_special_tokens_mask=True,
+        )
+        special = enc.pop("special_tokens_mask")  # (B, L)
+        real = ((enc["attention_mask"] == 1) & (special == 0)).sum(1).tolist()  # real tokens per text
         with torch.inference_mode():
             hidden = self._model(**enc).last_hidden_state  # (B, L, H)
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
@@ -131,8 +163,11 @@ class TextualExtractor(Extractor):
         pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         hidden_np = hidden.numpy()
         lengths = enc["attention_mask"].sum(1).tolist()
-        out = []
+        out: list[ClipFeatures | None] = []
         for b, n in enumerate(lengths):
+            if real[b] == 0:
+                out.append(None)
+                continue
             length = min(int(n), t_max)
             seq = np.zeros((t_max, self._hidden), dtype=np.float32)  # (T, H), zeros past length
             seq[:length] = hidden_np[b, :length]

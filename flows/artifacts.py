@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline.combinations import COMBINATIONS
+from pipeline.core.modalities import COMBINATIONS
 
 METRICS = Path("reports/metrics.json")
 TRAIN_SUMMARY = Path("models/train_summary.json")

@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 
 from flows.artifacts import REGISTRY, publish_outcome
 from flows.settings import dataset_label, params_file_hash, under
-from pipeline.atomic import write_json
+from pipeline.core.atomic import write_json
 
 EXTRACTION_TARGETS = ["extract_acoustic", "extract_visual", "extract_textual"]
 PARENT_ENV = "IMER_PARENT_FLOW_RUN"

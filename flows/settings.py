@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.params import config_hash, load_all_params
+from pipeline.core.params import config_hash, load_all_params
 
 SECTION = "orchestration"
 DEFAULTS: dict[str, Any] = {

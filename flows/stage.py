@@ -17,8 +17,8 @@ from prefect.runtime import flow_run
 
 from flows.artifacts import publish_outcome, publish_stage_summary
 from flows.settings import dataset_label, load_orchestration, section_hash
-from pipeline.params import load_params
-from pipeline.stages import STAGE_MODULES, stage_module
+from pipeline.core.params import load_params
+from flows.stages import STAGE_MODULES, stage_module
 
 EXTRACTION_STAGES = {"extract_acoustic": "acoustic", "extract_visual": "visual", "extract_textual": "textual"}
 OUTCOME_STAGES = {"train", "evaluate", "register"}

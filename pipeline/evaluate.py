@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.atomic import write_json
-from pipeline.combinations import COMBINATIONS, MASKS, MODALITY_ORDER, mask_to_index
-from pipeline.data import MultimodalData, train_prior
-from pipeline.metrics import classification_metrics, regression_metrics
-from pipeline.pyfunc_model import frame_from_arrays, predict_routed
-from pipeline.splits import read_random_masks
+from pipeline.core.atomic import write_json
+from pipeline.core.metrics import DEFAULT_SELECTION, METRICS, score_outputs
+from pipeline.core.modalities import COMBINATIONS, MASKS, formable_combinations
+from pipeline.formats.split_store import read_random_masks
+from pipeline.methods.routing import model_modalities, route
+from pipeline.tracking.pyfunc import frame_from_arrays
+from pipeline.training.data import MultimodalData, train_prior
 
 SECTION = "evaluate"
-METRICS = {"classification": ("wa", "ua", "wf1"), "regression": ("acc2", "f1", "acc7", "mae", "corr")}
-PRIMARY = {"classification": "wa", "regression": "acc2"}
+NOT_APPLICABLE = {"applicable": False}  # a combination the training data cannot form: reported, never scored
 
 
 def evaluate_model(
@@ -39,7 +39,7 @@ def evaluate_model(
     (n, K) outputs}}, "target": {split: (n,)}, "serving": {task, classes, prior},
     "input_example": a 2-row serving frame built from val rows}.
     """
-    from pipeline.model.checkpoint import load_model
+    from pipeline.methods.checkpoint import load_model
 
     model, extra = load_model(model_path)
     serving = {"task": data.task, "classes": list(data.classes), "prior": _prior(data, extra)}
@@ -47,7 +47,8 @@ def evaluate_model(
     val = data.subset("val")
     if len(test) == 0:
         raise ValueError(f"{splits_dir}: the test split is empty")
-    fixed = {c: MASKS[i] for i, c in enumerate(COMBINATIONS)}  # (3,) each
+    formable = formable_combinations(model_modalities(model))
+    fixed = {c: MASKS[i] for i, c in enumerate(COMBINATIONS) if c in formable}  # (3,) each
     test_protocols = {**{("fixed", c): m for c, m in fixed.items()},
                       **{("random", mr): m for mr, m in _random_masks(test, splits_dir).items()},
                       ("natural", "natural"): np.ones(3, dtype=bool)}
@@ -58,9 +59,10 @@ def evaluate_model(
         if len(view) == 0:
             continue
         outputs, empties, target = _one_pass(model, view, protocols, serving, batch_size)
-        results[split] = _summarise(outputs, empties, target, data)
+        results[split] = _summarise(outputs, empties, target, data, formable)
         predictions[split], targets[split] = outputs, target
     example = _input_example(val if len(val) else data.subset("train"))
+    results["combinations"] = list(formable)  # the combinations scored; the others are not applicable
     return {"metrics": results, "predictions": predictions, "target": targets, "serving": serving,
             "input_example": example}
 
@@ -76,20 +78,20 @@ def _one_pass(model, view: MultimodalData, protocols: dict, serving: dict, batch
         local = np.arange(start, min(n, start + batch_size))
         batch = view.batch(local)  # the single read of these rows
         target[local] = batch["target"].numpy()
-        usable = batch["natural"].numpy() & np.stack(
-            [batch["lengths_natural"][m].numpy() > 0 for m in MODALITY_ORDER], axis=1)  # (B, 3)
+        presence = batch["natural"].numpy()  # (B, 3)
         for key, mask in protocols.items():
-            eff = usable & (mask[local] if mask.ndim == 2 else mask[None, :])  # (B, 3)
-            comb = mask_to_index(eff)  # (B,) -1 = nothing present
-            lens = {m: torch.where(torch.as_tensor(eff[:, j]), batch["lengths_natural"][m], 0)
-                    for j, m in enumerate(MODALITY_ORDER)}
-            outputs[key][local] = predict_routed(model, batch["features"], lens, eff, comb, serving)
-            empties[key] += int((comb < 0).sum())
+            routed = route(model, batch["features"], batch["lengths_natural"], presence,
+                           mask[local] if mask.ndim == 2 else mask, serving["prior"])
+            outputs[key][local] = routed.output
+            empties[key] += int((routed.combination < 0).sum())
     return outputs, empties, target
 
 
-def _summarise(outputs: dict, empties: dict, target: np.ndarray, data: MultimodalData) -> dict[str, Any]:
-    """Nested metrics; the fixed-protocol mean counts each of the 7 combinations exactly once."""
+def _summarise(outputs: dict, empties: dict, target: np.ndarray, data: MultimodalData,
+               formable: tuple[str, ...]) -> dict[str, Any]:
+    """Nested metrics; the fixed-protocol mean counts each formable combination exactly once.
+
+    Combinations the training data cannot form are listed as not applicable, never as a number."""
     out: dict[str, Any] = {}
     for (protocol, name), y_out in outputs.items():
         scores = score_outputs(data.task, target, y_out, len(data.classes))
@@ -98,16 +100,12 @@ def _summarise(outputs: dict, empties: dict, target: np.ndarray, data: Multimoda
             out["natural"] = scores
         else:
             out.setdefault(protocol, {})[name] = scores
-    out["fixed"]["mean"] = {k: float(np.mean([out["fixed"][c][k] for c in COMBINATIONS]))
+    for c in COMBINATIONS:
+        if c not in formable:
+            out["fixed"][c] = dict(NOT_APPLICABLE)
+    out["fixed"]["mean"] = {k: float(np.mean([out["fixed"][c][k] for c in formable]))
                             for k in METRICS[data.task]}
     return out
-
-
-def score_outputs(task: str, y_true: np.ndarray, y_out: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Metrics from (n, K) probabilities (classification) or (n, 1) scores (regression)."""
-    if task == "classification":
-        return classification_metrics(y_true, y_out.argmax(axis=1), n_classes)
-    return regression_metrics(y_true, y_out[:, 0])
 
 
 def _prior(data: MultimodalData, extra: dict[str, Any]) -> list[float]:
@@ -150,12 +148,12 @@ def confusion_labels(result: dict[str, Any], protocol: tuple[str, str]) -> tuple
 
 def write_reports(result: dict[str, Any], metrics_path: str | Path, plots_dir: str | Path) -> list[Path]:
     """metrics.json, the DVC plot CSVs and the PNGs; returns the PNG paths."""
-    from pipeline import plots
+    from pipeline.tracking import plots
 
     plots_dir = Path(plots_dir)
     metrics = result["metrics"]
     write_json(metrics_path, metrics)
-    primary = PRIMARY[result["serving"]["task"]]
+    primary = DEFAULT_SELECTION[result["serving"]["task"]]
     per_comb, curve = plots.per_combination_rows(metrics), plots.mr_curve_rows(metrics)
     plots.write_csv(plots_dir / "per_combination.csv", per_comb)
     plots.write_csv(plots_dir / "mr_curve.csv", curve)
@@ -179,7 +177,7 @@ def flat_test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     entries += [(f"mr_{mr}", v) for mr, v in test.get("random", {}).items()]
     for where, values in entries:
         for k, v in values.items():
-            if k != "n" and np.isfinite(v):
+            if k != "n" and not isinstance(v, bool) and np.isfinite(v):
                 flat[f"test/{k}/{where}"] = float(v)
     return flat
 
@@ -189,8 +187,8 @@ def log_to_mlflow(result: dict[str, Any], run_id: str, tracking_uri: str, model_
     """Reopen the training run and add test metrics, plots and the pyfunc model; returns the model URI."""
     import mlflow
 
-    from pipeline.pyfunc_model import log_pyfunc_model
-    from pipeline.tracking import fluent_uri
+    from pipeline.tracking.pyfunc import log_pyfunc_model
+    from pipeline.tracking.runs import fluent_uri
 
     with fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics(flat_test_metrics(result["metrics"]))
@@ -204,7 +202,12 @@ def run_stage(params: dict[str, Any]) -> dict[str, Any]:
     """Load data (all splits aligned), evaluate once, write reports, log into the training run."""
     if int(params.get("num_threads", 1)) > 0:  # 0 = torch default; tiny matmuls on shared cores prefer 1
         torch.set_num_threads(int(params.get("num_threads", 1)))
+    from pipeline.tracking.lineage import matching_train_summary
+
     model_path = params.get("model", "models/model.pt")
+    summary_path = Path(params.get("train_summary", "models/train_summary.json"))
+    # before any work: model.pt and train_summary.json must name the same MLflow run (issue 13)
+    train = matching_train_summary(model_path, summary_path) if params.get("log_mlflow", True) else None
     splits_dir = params.get("splits_dir", "data/splits")
     data = MultimodalData.load(params.get("manifest", "data/manifest.parquet"),
                                params.get("features_dir", "data/features"), splits_dir)
@@ -214,11 +217,7 @@ def run_stage(params: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {"metrics": str(metrics_path),
                                "test_fixed_mean": result["metrics"]["test"]["fixed"]["mean"],
                                "test_natural": result["metrics"]["test"]["natural"]}
-    summary_path = Path(params.get("train_summary", "models/train_summary.json"))
-    if params.get("log_mlflow", True):
-        if not summary_path.exists():
-            raise FileNotFoundError(f"{summary_path}: train summary not found (run the train stage)")
-        train = json.loads(summary_path.read_text())
+    if train is not None:
         uri = params.get("tracking_uri") or train.get("mlflow_tracking_uri") or "sqlite:///mlflow.db"
         summary["model_uri"] = log_to_mlflow(result, train["mlflow_run_id"], uri, model_path,
                                              [*pngs, metrics_path])
@@ -226,7 +225,7 @@ def run_stage(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     print(json.dumps(run_stage(load_params(SECTION)), indent=2, default=str))
 

@@ -16,13 +16,14 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.atomic import write_json
-from pipeline.feature_table import FeatureTable, read_feature_table
-from pipeline.manifest import read_manifest
-from pipeline.params import load_params
+from pipeline.core.atomic import write_json
+from pipeline.core.modalities import MANIFEST_OF_TABLE
+from pipeline.formats.feature_table import FeatureTable, read_feature_table
+from pipeline.formats.manifest import read_manifest
+from pipeline.core.params import load_params
 
 SECTION = "feature_report"
-TABLES = {"acoustic": "audio", "visual": "video", "textual": "text"}  # table name -> manifest modality
+TABLES = MANIFEST_OF_TABLE  # table name -> manifest modality
 
 
 def table_summary(table: FeatureTable) -> dict[str, Any]:

@@ -1,9 +1,13 @@
 """Stage `ingest`: turn a user's corpus listing (CSV or Parquet) into a validated manifest.
 
 The listing is how users bring their own raw dataset (RAVDESS-like, MELD-like). A
-structurally bad row is a user error and is reported with its row and column; a
-referenced media file that does not exist is *real missingness* and only marks that
-modality missing for that utterance.
+structurally bad row (a ragged CSV line included) is a user error and is reported
+with its file line, its data row and its column: "line 7, data row 6" (line 1 is the
+header; a Parquet listing has data rows only). A referenced media file that cannot be
+used is *real missingness* and only marks that modality missing for that utterance,
+with a named reason (`file_absent`, `not_a_file`, `symlink_loop`, `permission_denied`,
+`unreadable_file`; see `pipeline.core.media_paths`). The manifest keeps the path as
+listed (made absolute or project-relative), never the target of a symlink.
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.atomic import write_json
-from pipeline.manifest import MANIFEST_SCHEMA, MODALITIES, PATH_COLUMNS, manifest_meta, write_manifest
-from pipeline.params import load_params
+from pipeline.core.atomic import write_json
+from pipeline.core.media_paths import listed_path, probe_file
+from pipeline.formats.manifest import MANIFEST_SCHEMA, MODALITIES, PATH_COLUMNS, manifest_meta, write_manifest
+from pipeline.core.params import load_params
 
 SECTION = "ingest"
 REQUIRED = ("utterance_id", "session", "speaker")
@@ -27,14 +32,25 @@ MAX_LISTED_ERRORS = 20
 
 @dataclass
 class RowProblem:
-    """One validation problem, located by 1-based data row and column name."""
+    """One validation problem, located by 1-based data row (and file line for CSV) and column name."""
 
     row: int
     column: str
     problem: str
+    line: int | None = None  # 1-based line in the listing file (header = line 1); None for Parquet
 
     def __str__(self) -> str:
-        return f"row {self.row}, column '{self.column}': {self.problem}"
+        where = f"line {self.line}, data row {self.row}" if self.line is not None else f"data row {self.row}"
+        return f"{where}, column '{self.column}': {self.problem}"
+
+
+@dataclass
+class Listing:
+    """A parsed listing: rows as dicts, each row's file line (CSV), and rows the parser rejected."""
+
+    rows: list[dict[str, Any]]
+    lines: list[int | None]
+    ragged: list[RowProblem] = field(default_factory=list)
 
 
 @dataclass
@@ -45,25 +61,64 @@ class IngestReport:
     classes: list[str] = field(default_factory=list)
 
 
-def read_listing(path: Path) -> pa.Table:
-    """Read a CSV or Parquet listing; every column as given (CSV as strings)."""
+def read_listing(path: Path) -> Listing:
+    """Read a CSV or Parquet listing; every column as given (CSV as strings).
+
+    A CSV row with the wrong number of fields does not stop the read: it comes back as
+    a `RowProblem` naming its line, so it is reported (or skipped) like any bad row.
+    """
     if not path.exists():
         raise FileNotFoundError(f"{path}: listing not found")
+    if not path.is_file():
+        raise ValueError(f"{path}: listing is not a regular file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            return pq.read_table(path)
+            rows = pq.read_table(path).to_pylist()
+            return Listing(rows, [None] * len(rows))
         if suffix in (".csv", ".tsv"):
-            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            # Strings everywhere: ids like "007" must not become integers.
-            return pacsv.read_csv(path, parse_options=opts, convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types=_all_strings(path, opts)))
+            return _read_csv(path, "\t" if suffix == ".tsv" else ",")
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{path}: cannot parse listing ({exc})") from exc
     raise ValueError(f"{path}: listing must be .csv, .tsv or .parquet, got '{suffix}'")
 
 
+def _read_csv(path: Path, delimiter: str) -> Listing:
+    bad: list[pacsv.InvalidRow] = []
+
+    def keep_bad(row: pacsv.InvalidRow) -> str:
+        bad.append(row)
+        return "skip"
+
+    opts = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=keep_bad)
+    # Strings everywhere: ids like "007" must not become integers. One thread keeps bad rows in file order.
+    table = pacsv.read_csv(
+        path, parse_options=opts, read_options=pacsv.ReadOptions(use_threads=False),
+        convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types=_all_strings(path, opts)),
+    )
+    # Without quoted newlines (the parser's default) a record is one non-empty line after the header.
+    text_lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    numbered = [(i, ln.rstrip("\r")) for i, ln in enumerate(text_lines, start=1) if ln.rstrip("\r")][1:]
+    lines: list[int | None] = []
+    ragged: list[RowProblem] = []
+    pending = list(bad)
+    for data_row, (line, content) in enumerate(numbered, start=1):
+        if pending and content == pending[0].text:
+            row = pending.pop(0)
+            ragged.append(RowProblem(data_row, "(whole row)", f"expected {row.expected_columns} fields, got {row.actual_columns}", line))
+        else:
+            lines.append(line)
+    rows = table.to_pylist()
+    if len(lines) != len(rows):  # quoted newlines or the like: keep data rows, drop the line numbers
+        lines = [None] * len(rows)
+    for row in pending:  # not located: still reported, without a line
+        ragged.append(RowProblem(0, "(whole row)", f"expected {row.expected_columns} fields, got {row.actual_columns}: {row.text[:80]!r}"))
+    return Listing(rows, lines, ragged)
+
+
 def _all_strings(path: Path, opts: pacsv.ParseOptions) -> dict[str, pa.DataType]:
-    header = pacsv.open_csv(path, parse_options=opts).schema.names
+    skip_all = pacsv.ParseOptions(delimiter=opts.delimiter, invalid_row_handler=lambda _row: "skip")  # bad rows are read later
+    header = pacsv.open_csv(path, parse_options=skip_all).schema.names
     return {name: pa.string() for name in header}
 
 
@@ -75,7 +130,8 @@ def ingest(listing_path: Path, out_path: Path, task: str = "classification", cla
         raise ValueError(f"ingest.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     listing_path = Path(listing_path)
     root = (project_root or Path.cwd()).resolve()
-    rows = read_listing(listing_path).to_pylist()
+    listing = read_listing(listing_path)
+    rows = listing.rows
     target_col = "label" if task == "classification" else "score"
     header = set(rows[0]) if rows else set()
     absent = [c for c in (*REQUIRED, target_col) if c not in header]
@@ -84,17 +140,18 @@ def ingest(listing_path: Path, out_path: Path, task: str = "classification", cla
     if not rows:
         raise ValueError(f"{listing_path}: listing has no rows")
 
-    problems: list[RowProblem] = []
+    problems: list[RowProblem] = list(listing.ragged)
     kept: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for number, row in enumerate(rows, start=1):
-        row_problems = _validate_row(row, number, task, classes, seen)
+    for number, (row, line) in enumerate(zip(rows, listing.lines), start=1):
+        row_problems = _validate_row(row, _data_row(number, line, listing), task, classes, seen, line)
         seen.add(str(row.get("utterance_id") or "").strip())
         if row_problems:
             problems.extend(row_problems)
             continue
         kept.append(_manifest_row(row, listing_path.parent.resolve(), root, task))
 
+    problems.sort(key=lambda p: (p.line or 0, p.row))
     if problems and on_bad_row == "error":
         listed = "\n  ".join(str(p) for p in problems[:MAX_LISTED_ERRORS])
         more = f"\n  ... and {len(problems) - MAX_LISTED_ERRORS} more" if len(problems) > MAX_LISTED_ERRORS else ""
@@ -113,7 +170,14 @@ def ingest(listing_path: Path, out_path: Path, task: str = "classification", cla
     return IngestReport(utterances=len(kept), rejected=problems, missing=missing, classes=found_classes)
 
 
-def _validate_row(row: dict[str, Any], number: int, task: str, classes: list[str] | None, seen: set[str]) -> list[RowProblem]:
+def _data_row(index: int, line: int | None, listing: Listing) -> int:
+    """The 1-based data row of the `index`-th parsed row (ragged rows count: they are data rows too)."""
+    if line is None:
+        return index
+    return index + sum(1 for p in listing.ragged if p.line is not None and p.line < line)
+
+
+def _validate_row(row: dict[str, Any], number: int, task: str, classes: list[str] | None, seen: set[str], line: int | None = None) -> list[RowProblem]:
     problems = []
     for column in REQUIRED:
         if row.get(column) is None or str(row[column]).strip() == "":
@@ -138,6 +202,8 @@ def _validate_row(row: dict[str, Any], number: int, task: str, classes: list[str
             problems.append(RowProblem(number, "score", f"'{row.get('score')}' is not a number"))
     if all(not row.get(col) for col in PATH_COLUMNS.values()):
         problems.append(RowProblem(number, "audio_path/text_path/video_path", "no media path at all"))
+    for problem in problems:
+        problem.line = line
     return problems
 
 
@@ -155,11 +221,10 @@ def _manifest_row(row: dict[str, Any], listing_dir: Path, root: Path, task: str)
         if raw is None or str(raw).strip() == "":
             out[column], out[f"{modality}_missing"] = None, "no_path"
             continue
-        resolved = Path(str(raw).strip())
-        resolved = resolved if resolved.is_absolute() else (listing_dir / resolved)
-        resolved = resolved.resolve()
-        out[column] = str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(resolved)
-        out[f"{modality}_missing"] = None if resolved.is_file() else "file_absent"
+        path = listed_path(str(raw).strip(), listing_dir)  # symlinks kept as listed
+        out[column] = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        problem = probe_file(path)
+        out[f"{modality}_missing"] = problem[0] if problem else None
     for key, value in row.items():
         if key.startswith("gt_") or key == "split":
             out[key] = value

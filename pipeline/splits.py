@@ -14,6 +14,15 @@ uniform draw that skips slots which would empty a sample, and since the same
 permutation serves every MR, masks are nested (a slot missing at MR is missing at
 every higher MR). Masks are independent of natural presence; evaluation combines
 them (effective = random mask AND natural presence).
+
+Domains: rows whose manifest `domain` is not "source" (a shifted domain, for
+test-time adaptation) never enter train/val/test. The source strategy runs on the
+source rows alone; shifted rows become `shifted_adapt` (an unlabelled adaptation
+pool: `shifted_adapt_sessions`, default the first shifted session) or
+`shifted_test` (`shifted_test_sessions`, default the rest; a single shifted session
+is split by speaker), speaker-disjoint. `shifted_test` gets stored masks on its own
+seed stream, so val/test masks are unchanged. A corpus without shifted rows gets
+exactly the assignment, masks and splits.json it got before domains existed.
 """
 from __future__ import annotations
 
@@ -25,50 +34,95 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.atomic import atomic_path, write_json
-from pipeline.combinations import COMBINATIONS, MODALITY_ORDER, TABLE_NAME, mask_to_index
-from pipeline.feature_table import read_feature_table
-from pipeline.manifest import MODALITY_LETTER, read_manifest
+from pipeline.core.atomic import atomic_path, write_json
+from pipeline.core.hashing import file_digest
+from pipeline.core.modalities import COMBINATIONS, MANIFEST_NAME, MODALITY_ORDER, TABLE_NAME, mask_to_index
+from pipeline.formats.feature_table import read_feature_table
+from pipeline.formats.manifest import read_manifest
+from pipeline.formats.split_store import natural_presence, read_assignment, read_random_masks  # noqa: F401
 
 SECTION = "splits"
 SPLITS = ("train", "val", "test")
+SHIFTED_SPLITS = ("shifted_adapt", "shifted_test")
+SOURCE_DOMAIN = "source"
+MASKED_SPLITS = ("val", "test", "shifted_test")  # index + 1 = the split's seed stream
 STRATEGIES = ("by_session", "by_speaker", "manifest", "loso")
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (streamed), for provenance tags."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def natural_presence(manifest: pa.Table, features_dir: str | Path) -> tuple[np.ndarray, dict[str, dict]]:
-    """(N, 3) bool presence in manifest order: row present in the feature table AND not missing at ingest."""
-    features_dir = Path(features_dir)
-    ids = manifest.column("utterance_id").to_pylist()
-    natural = np.zeros((len(ids), 3), dtype=bool)
-    info: dict[str, dict] = {}
-    for j, m in enumerate(MODALITY_ORDER):
-        path = features_dir / f"{TABLE_NAME[m]}.arrow"
-        table = read_feature_table(path, memory_map=True)
-        index = table.index()
-        rows = np.array([index.get(u, -1) for u in ids], dtype=np.int64)
-        found = rows >= 0
-        natural[found, j] = table.present[rows[found]]
-        source = {v: k for k, v in MODALITY_LETTER.items()}[m]  # "a" -> "audio"
-        missing_col = f"{source}_missing"
-        if missing_col in manifest.column_names:
-            natural[:, j] &= np.asarray(manifest.column(missing_col).is_null())
-        info[m] = {"path": str(path), "file_sha256": file_digest(path), "config_hash": table.meta.get("config_hash"),
-                   "rows_not_in_table": int((~found).sum())}
-    return natural, info
+def row_domains(manifest: pa.Table) -> np.ndarray:
+    """(N,) domain per manifest row; no `domain` column (or a null) means the source domain."""
+    if "domain" not in manifest.column_names:
+        return np.full(manifest.num_rows, SOURCE_DOMAIN, dtype=object)
+    return np.asarray([SOURCE_DOMAIN if d is None else str(d) for d in manifest.column("domain").to_pylist()],
+                      dtype=object)
 
 
 def assign_splits(manifest: pa.Table, params: dict[str, Any]) -> np.ndarray:
-    """(N,) array of 'train'/'val'/'test' per manifest row, following params['strategy']."""
+    """(N,) split per manifest row: the strategy on source rows, `shifted_*` for shifted-domain rows."""
+    shifted = row_domains(manifest) != SOURCE_DOMAIN
+    if not shifted.any():
+        return _assign_source(manifest, params)  # exactly the pre-domain result
+    source_rows, shifted_rows = np.flatnonzero(~shifted), np.flatnonzero(shifted)
+    if len(source_rows) == 0:
+        raise ValueError("the manifest has only shifted-domain rows; a source model needs source rows")
+    split = np.empty(manifest.num_rows, dtype=object)
+    split[source_rows] = _assign_source(manifest.take(source_rows), params)
+    split[shifted_rows] = _assign_shifted(manifest.take(shifted_rows), params)
+    check_domain_separation(row_domains(manifest), split)
+    return split.astype(str)
+
+
+def _assign_shifted(manifest: pa.Table, params: dict[str, Any]) -> np.ndarray:
+    """(n,) 'shifted_adapt'/'shifted_test' for shifted rows: by session, or by speaker for one session."""
+    sessions = np.asarray(manifest.column("session").to_pylist(), dtype=object).astype(str)
+    speakers = np.asarray(manifest.column("speaker").to_pylist(), dtype=object).astype(str)
+    names = sorted(set(sessions.tolist()))
+    adapt = [str(x) for x in params.get("shifted_adapt_sessions") or []]
+    test = [str(x) for x in params.get("shifted_test_sessions") or []]
+    unknown = sorted(set(adapt + test) - set(names))
+    if unknown:
+        raise ValueError(f"shifted sessions {unknown} not among the manifest's shifted sessions {names}")
+    if set(adapt) & set(test):
+        raise ValueError(f"shifted sessions {sorted(set(adapt) & set(test))} are in both shifted_adapt and shifted_test")
+    if not adapt and not test and len(names) == 1:  # one shifted session: split its speakers
+        people = sorted(set(speakers.tolist()))
+        if len(people) < 2:
+            raise ValueError(f"shifted session {names[0]} has one speaker; shifted_adapt and shifted_test "
+                             "must be speaker-disjoint (render more shifted speakers or sessions)")
+        pool = people[: len(people) // 2]
+        return np.where(np.isin(speakers, pool), "shifted_adapt", "shifted_test").astype(object)
+    if not adapt:
+        adapt = [n_ for n_ in names if n_ not in test][:1] if not test else [n_ for n_ in names if n_ not in test]
+    if not test:
+        test = [n_ for n_ in names if n_ not in adapt]
+    left = sorted(set(names) - set(adapt) - set(test))
+    if left or not adapt or not test:
+        raise ValueError(f"shifted sessions {names}: shifted_adapt {adapt} and shifted_test {test} must both be "
+                         f"non-empty and cover every shifted session (unassigned: {left})")
+    return np.where(np.isin(sessions, adapt), "shifted_adapt", "shifted_test").astype(object)
+
+
+def check_domain_separation(domain: np.ndarray, split: np.ndarray) -> None:
+    """Raise if a shifted-domain row sits in train/val/test, or a source row in a `shifted_*` split.
+
+    The data-leak guard for training: `MultimodalData.load` (or the trainer) calls it with the
+    manifest's domains and the stored assignment, so no shifted row can ever be fitted on.
+    """
+    domain = np.asarray(domain, dtype=object)
+    split = np.asarray(split, dtype=object)
+    shifted = domain != SOURCE_DOMAIN
+    leaked = shifted & np.isin(split, SPLITS)
+    if leaked.any():
+        raise ValueError(f"{int(leaked.sum())} shifted-domain rows are assigned to train/val/test "
+                         f"(first at row {int(np.flatnonzero(leaked)[0])}); re-run the splits stage")
+    stray = ~shifted & np.isin(split, SHIFTED_SPLITS)
+    if stray.any():
+        raise ValueError(f"{int(stray.sum())} source-domain rows are assigned to a shifted split; re-run the splits stage")
+
+
+def _assign_source(manifest: pa.Table, params: dict[str, Any]) -> np.ndarray:
+    """(N,) array of 'train'/'val'/'test' per (source) manifest row, following params['strategy']."""
     strategy = params.get("strategy", "by_session")
     n = manifest.num_rows
     if strategy == "manifest":
@@ -150,7 +204,11 @@ def build_splits(manifest_path: str | Path, features_dir: str | Path, out_dir: s
 
     mask_rows: dict[str, list] = {"utterance_id": [], "split": [], "mr": [], "a": [], "t": [], "v": []}
     realised: dict[str, dict[str, float]] = {}
-    for s_idx, name in enumerate(("val", "test")):
+    has_shifted = bool(np.isin(split, SHIFTED_SPLITS).any())
+    names = SPLITS + SHIFTED_SPLITS if has_shifted else SPLITS  # shifted keys only when shifted rows exist
+    for s_idx, name in enumerate(MASKED_SPLITS):
+        if name == "shifted_test" and not has_shifted:
+            continue
         sel = np.flatnonzero(split == name)
         rng = np.random.default_rng([seed, 1 + s_idx])  # one stream per split: adding rates changes nothing
         masks = random_missing_masks(len(sel), rates, rng)
@@ -187,15 +245,19 @@ def build_splits(manifest_path: str | Path, features_dir: str | Path, out_dir: s
         "missing_rates": rates,
         "task": meta.get("task"),
         "classes": meta.get("classes", []),
-        "counts": _counts(split, manifest, meta, natural),
+        "counts": _counts(split, manifest, meta, natural, names),
         "speakers_in_several_splits": shared,
         "realised_missing_share": realised,
         "groups": {s: sorted({str(g) for g in np.asarray(manifest.column("session").to_pylist())[split == s]})
-                   for s in SPLITS},
+                   for s in names},
         "inputs": {"manifest": {"path": str(manifest_path), "file_sha256": file_digest(manifest_path)},
                    "features": table_info},
         "content_hash": content.hexdigest()[:16],
     }
+    if has_shifted:
+        domain = row_domains(manifest)
+        summary["domains"] = {str(d): {s: int(((domain == d) & (split == s)).sum()) for s in names
+                                       if ((domain == d) & (split == s)).any()} for d in sorted(set(domain.tolist()))}
     write_json(out_dir / "splits.json", summary)
     return summary
 
@@ -207,11 +269,12 @@ def _groups_in_several_splits(groups: np.ndarray, split: np.ndarray) -> list[str
     return sorted(g for g, ss in seen.items() if len(ss) > 1)
 
 
-def _counts(split: np.ndarray, manifest: pa.Table, meta: dict, natural: np.ndarray) -> dict:
+def _counts(split: np.ndarray, manifest: pa.Table, meta: dict, natural: np.ndarray,
+            names: tuple[str, ...] = SPLITS) -> dict:
     labels = np.asarray(manifest.column("label").to_pylist(), dtype=object)
     combo = mask_to_index(natural)
     out: dict[str, Any] = {}
-    for s in SPLITS:
+    for s in names:
         sel = split == s
         entry: dict[str, Any] = {"n": int(sel.sum()), "no_modality": int((combo[sel] < 0).sum()),
                                  "natural_combination": {c: int((combo[sel] == i).sum()) for i, c in enumerate(COMBINATIONS)}}
@@ -221,38 +284,16 @@ def _counts(split: np.ndarray, manifest: pa.Table, meta: dict, natural: np.ndarr
     return out
 
 
-def read_assignment(splits_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(utterance_id (N,), split (N,)) as stored; a missing file is a clear error."""
-    path = Path(splits_dir) / "assignment.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: split assignment not found (run the splits stage)")
-    tbl = pq.read_table(path, columns=["utterance_id", "split"])
-    return (np.asarray(tbl.column("utterance_id").to_pylist(), dtype=object),
-            np.asarray(tbl.column("split").to_pylist(), dtype=object).astype(str))
-
-
-def read_random_masks(splits_dir: str | Path, split: str) -> dict[float, tuple[np.ndarray, np.ndarray]]:
-    """Stored masks of one split: {mr: (utterance_id (n,), presence (n, 3) bool)}; never re-drawn."""
-    path = Path(splits_dir) / "random_masks.parquet"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: random-missing masks not found (run the splits stage)")
-    tbl = pq.read_table(path, filters=[("split", "=", split)])
-    mr = tbl.column("mr").to_numpy()
-    ids = np.asarray(tbl.column("utterance_id").to_pylist(), dtype=object)
-    mask = np.stack([tbl.column(m).to_numpy(zero_copy_only=False) for m in MODALITY_ORDER], axis=1).astype(bool)
-    return {float(r): (ids[mr == r], mask[mr == r]) for r in np.unique(mr)}
-
-
 def run_stage(params: dict[str, Any]) -> dict:
     """Resolve paths from params and build the splits."""
     summary = build_splits(params.get("manifest", "data/manifest.parquet"), params.get("features_dir", "data/features"),
                            params.get("out_dir", "data/splits"), params)
-    return {"strategy": summary["strategy"], "counts": {s: summary["counts"][s]["n"] for s in SPLITS},
+    return {"strategy": summary["strategy"], "counts": {s: c["n"] for s, c in summary["counts"].items()},
             "content_hash": summary["content_hash"]}
 
 
 def main() -> None:
-    from pipeline.params import load_params
+    from pipeline.core.params import load_params
 
     print(run_stage(load_params(SECTION)))
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import soundfile as sf
 
-from pipeline.manifest import MANIFEST_SCHEMA, manifest_meta, write_manifest
+from pipeline.formats.manifest import MANIFEST_SCHEMA, manifest_meta, write_manifest
 
 
 def voiced_signal(rate: int = 16000, duration_s: float = 1.5, f0: float = 140.0, seed: int = 0) -> np.ndarray:

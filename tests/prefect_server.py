@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.servers import free_port, prefect_spec, start_server, stop_server
+from flows.servers import free_port, prefect_spec, start_server, stop_server
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import soundfile as sf
 
 from pipeline.corpus import CorpusConfig, generate_corpus
 from pipeline.corpus.breakage import CODES, wav_data_sizes
-from pipeline.corpus.testing import make_tiny_corpus, tiny_config
+from tests.corpus_factory import make_tiny_corpus, tiny_config
 
 CASCADE = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
 

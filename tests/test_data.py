@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.combinations import COMBINATIONS, MASKS, MODALITY_ORDER, TABLE_NAME
-from pipeline.data import MultimodalData
-from pipeline.feature_table import read_feature_table, write_feature_table
-from pipeline.sampler import BatchDataset, HomogeneousBatchSampler, ModalityDropoutSampler
+from pipeline.core.modalities import COMBINATIONS, MASKS, MODALITY_ORDER, TABLE_NAME
+from pipeline.training.data import MultimodalData
+from pipeline.formats.feature_table import read_feature_table, write_feature_table
+from pipeline.training.samplers import BatchDataset, HomogeneousBatchSampler, ModalityDropoutSampler
 from pipeline.splits import build_splits
-from pipeline.testing_data import make_feature_dataset
+from tests.factories import make_feature_dataset
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_include_excludes_test_rows(paths):
 def test_unknown_label_is_a_clear_error(tmp_path):
     import pyarrow as pa
 
-    from pipeline.manifest import read_manifest, write_manifest
+    from pipeline.formats.manifest import read_manifest, write_manifest
 
     manifest, features = make_feature_dataset(tmp_path, n=30, seed=1)
     table, meta = read_manifest(manifest)
@@ -141,7 +141,7 @@ def test_dropout_sampler_keeps_a_nonempty_subset_of_present():
 
 def test_feature_statistics_use_only_valid_frames_of_the_view(paths):
     """Standardisation statistics: train view only, padding frames and absent modalities ignored."""
-    from pipeline.data import feature_statistics
+    from pipeline.training.data import feature_statistics
 
     data = MultimodalData.load(*paths)
     assert (data.lengths["a"][data.lengths["a"] > 0] < data.features["a"].shape[1]).any()  # padding exists

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.spatial.distance import jensenshannon
 
-from pipeline.dpft import DPFTController, jsd_softmax, project_to_bounds, rank_weights, separability
+from pipeline.training.dpft import DPFTController, jsd_softmax, project_to_bounds, rank_weights, separability
 from tests.test_network import make_batch, randomise_adapters, tiny_net
 
 Q_MIN, Q_MAX = 0.05, 0.40

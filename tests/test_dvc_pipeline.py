@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.feature_table import read_feature_table
-from pipeline.manifest import read_manifest
+from pipeline.formats.feature_table import read_feature_table
+from pipeline.formats.manifest import read_manifest
 from tests.repo_copy import dvc, make_repo_copy
 
 pytestmark = pytest.mark.integration

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.combinations import COMBINATIONS, MODALITY_ORDER, mask_to_index
-from pipeline.data import MultimodalData
+from pipeline.core.modalities import COMBINATIONS, MODALITY_ORDER, mask_to_index
+from pipeline.training.data import MultimodalData
 from pipeline.evaluate import evaluate_model, run_stage
-from pipeline.model import MCULoRANet, ModelConfig, load_model, save_model
-from pipeline.pyfunc_model import frame_from_arrays, predict_frame
+from pipeline.methods import MCULoRANet, ModelConfig, load_model, save_model
+from pipeline.tracking.pyfunc import frame_from_arrays, predict_frame
 from pipeline.splits import build_splits
-from pipeline.testing_data import make_feature_dataset
+from tests.factories import make_feature_dataset
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -83,7 +83,7 @@ def _count_reads(data: MultimodalData) -> dict[str, _CountingRows]:
 def test_metrics_structure_and_mean_of_seven(evaluated):
     _, _, result, _ = evaluated
     metrics = result["metrics"]
-    assert set(metrics) == {"val", "test"}
+    assert set(metrics) == {"val", "test", "combinations"} and metrics["combinations"] == list(COMBINATIONS)
     assert set(metrics["test"]) == {"fixed", "random", "natural"}
     assert set(metrics["test"]["fixed"]) == set(COMBINATIONS) | {"mean"}
     assert set(metrics["test"]["random"]) == {f"{r / 10:.1f}" for r in range(8)}
@@ -132,8 +132,8 @@ def test_empty_samples_get_train_prior_and_are_counted(evaluated):
 
 def test_training_validation_scores_equal_evaluate_val_scores(evaluated, tmp_path):
     """Checkpoint selection and the registry must compare the same number (empties -> prior in both)."""
-    from pipeline.data import train_prior
-    from pipeline.lit_module import MCULoRAModule
+    from pipeline.training.data import train_prior
+    from pipeline.training.lit_module import MCULoRAModule
     from pipeline.train import _trainer, _val_loader
 
     root, data, result, _ = evaluated
@@ -177,7 +177,7 @@ def store(tmp_path_factory):
 def test_pyfunc_round_trip_reproduces_direct_output(evaluated, store):
     root, data, result, _ = evaluated
     from pipeline.evaluate import log_to_mlflow
-    from pipeline.tracking import fluent_uri
+    from pipeline.tracking.runs import fluent_uri
 
     uri, client, exp = store
     run_id = client.create_run(exp).info.run_id

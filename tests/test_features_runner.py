@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from features.runner import ClipJob, ExtractionFailed, ExtractorSpec, extract_chunk, run_extraction
-from pipeline.feature_table import read_feature_table
+from pipeline.formats.feature_table import read_feature_table
 from tests.media_factory import bad_audio, good_clips, make_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,17 +79,17 @@ def test_cache_extracts_only_new_clips_and_all_after_config_change(tmp_path):
 
 def test_a_run_of_cache_hits_never_loads_the_model(tmp_path, monkeypatch):
     """Re-running with nothing new (e.g. a scheduled ingest) skips the 6 s MiniLM load."""
-    from features import runner
+    from features import workers
 
     rows = good_clips(tmp_path / "media", 3, modalities=("text",))
     manifest = make_manifest(tmp_path / "m.parquet", rows)
     out, cache = tmp_path / "features" / "textual.arrow", tmp_path / "cache"
     first = run_extraction("textual", manifest, out, cache, {}, workers=1, max_failure_share=0.9, progress=False)
     assert first["cache_misses"] == 3
-    monkeypatch.setattr(runner, "_WORKER_EXTRACTORS", {})  # as in a fresh process
+    monkeypatch.setattr(workers, "_WORKER_EXTRACTORS", {})  # as in a fresh process
     again = run_extraction("textual", manifest, out, cache, {}, workers=1, max_failure_share=0.9, progress=False)
     assert (again["cache_hits"], again["cache_misses"], again["setup_s"]) == (3, 0, 0.0)
-    assert not any(ext._ready for ext in runner._WORKER_EXTRACTORS.values())
+    assert not any(ext._ready for ext in workers._WORKER_EXTRACTORS.values())
 
 
 def test_deterministic_failures_are_cached_unexpected_errors_are_not(tmp_path):
@@ -99,7 +99,7 @@ def test_deterministic_failures_are_cached_unexpected_errors_are_not(tmp_path):
     silent = ClipJob("s", str(files["silent"][0]), "h_silent")
     vanished = ClipJob("v", str(tmp_path / "vanished.wav"), "h_vanished")  # deleted after planning
     outs = extract_chunk(spec, [silent, vanished], str(cache))
-    assert [o.failure_reason for o in outs] == ["silent_audio", "extractor_error:FileNotFoundError"]
+    assert [o.failure_reason for o in outs] == ["silent_audio", "file_absent"]  # an OS-level failure is named, not cached
     assert str(tmp_path / "vanished.wav") in outs[1].message
     cached = {p.stem for p in cache.rglob("*.npz")}
     assert cached == {"h_silent"}

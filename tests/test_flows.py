@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 from features.runner import ClipJob, ClipOutcome, extract_chunk  # noqa: E402
 from flows.extract import consume, prefect_chunk_mapper  # noqa: E402
-from pipeline.feature_table import read_feature_table  # noqa: E402
+from pipeline.formats.feature_table import read_feature_table  # noqa: E402
 from tests.media_factory import good_clips, make_manifest, write_text  # noqa: E402
 from tests.prefect_server import (  # noqa: E402,F401
     PROJECT_ROOT, create_pools, prefect_api, prefect_server, process_worker,
@@ -211,7 +211,7 @@ def test_train_dispatched_to_gpu_pool(prefect_api, deployed, tmp_path):
     pytest.importorskip("pipeline.train", reason="pipeline/train.py not yet available")
     from flows.stage import stage_flow
     from pipeline.splits import build_splits
-    from pipeline.testing_data import make_feature_dataset
+    from tests.factories import make_feature_dataset
 
     manifest, features = make_feature_dataset(tmp_path / "data", n=120)
     build_splits(manifest, features, tmp_path / "splits", {"seed": 0, "missing_rates": [0.0, 0.5]})

@@ -10,8 +10,8 @@ import yaml
 
 from flows.artifacts import last_epoch_ratios, metrics_rows, outcome_markdown
 from flows.settings import DEFAULTS, dataset_label, load_orchestration, prefect_enabled, section_hash
-from pipeline.combinations import COMBINATIONS
-from pipeline.servers import ServerSpec, free_port, read_record, start_server, stop_server
+from pipeline.core.modalities import COMBINATIONS
+from flows.servers import ServerSpec, free_port, read_record, start_server, stop_server
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_outcome_markdown_reads_reports(tmp_path):
 
 def test_cli_no_prefect_runs_the_bare_stage(tmp_path, monkeypatch):
     """`imer <stage> --no-prefect` must not import Prefect's engine or start a server."""
-    import pipeline.cli as cli
+    import flows.cli as cli
 
     calls = []
     monkeypatch.setattr(cli, "run_named_stage", lambda name, path: calls.append((name, path)) or {"ok": 1})

@@ -12,7 +12,7 @@ from tests.import_fixtures import write_gcnet_iemocap, write_gcnet_mosi, write_m
 splits = pytest.importorskip("pipeline.splits", reason="pipeline/splits.py not yet available")
 train = pytest.importorskip("pipeline.train", reason="pipeline/train.py not yet available")
 evaluate = pytest.importorskip("pipeline.evaluate", reason="pipeline/evaluate.py not yet available")
-from pipeline.data import MultimodalData  # noqa: E402
+from pipeline.training.data import MultimodalData  # noqa: E402
 
 TINY = {"seed": 0, "max_epochs": 2, "batch_size": 8, "patience": 5, "val_batch_size": 64,
         "model": {"d_model": 16, "n_heads": 2, "d_fusion": 16}, "lora": {"rank": 2, "alpha": 4.0},

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.importers.folds import aggregate, main as folds_main, run_folds
+from flows.folds import aggregate, main as folds_main, run_folds
 from pipeline.importers.stage import ImportConfig, import_dataset
 from tests.import_fixtures import write_gcnet_iemocap
 

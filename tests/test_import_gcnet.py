@@ -7,9 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.feature_table import read_feature_table
+from pipeline.formats.feature_table import read_feature_table
 from pipeline.importers.stage import TABLES, ImportConfig, import_dataset
-from pipeline.manifest import read_manifest
+from pipeline.formats.manifest import read_manifest
 from tests.import_fixtures import write_gcnet_iemocap, write_gcnet_mosi
 
 

@@ -183,3 +183,60 @@ def test_spilled_load_holds_about_one_array(tmp_path, protocol, bound_mib):
         tracemalloc.stop()
     assert peak < bound_mib * 2**20, peak / 2**20  # protocol 2 decodes each buffer from UTF-8 text: a few copies of one
     assert all(isinstance(back[k], np.memmap) and np.array_equal(back[k], obj[k]) for k in obj)
+
+
+def _call(module: str, name: str, args: tuple, opcode: bytes = pickle.REDUCE) -> bytes:
+    """Protocol-2 pickle of `module.name(*args)` (REDUCE) or `module.name.__new__(module.name, *args)` (NEWOBJ)."""
+    body = pickle.dumps(args, protocol=2)[2:-1]  # the args tuple's opcodes, without PROTO and STOP
+    return b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n" + body + opcode + b"."
+
+
+SIZE = 1 << 28  # 256 MiB asked by a file of a few dozen bytes: the old loader allocated it and returned
+CRAFTED_CALLS = {
+    "bytearray": _call("builtins", "bytearray", (SIZE,)),
+    "bytes": _call("builtins", "bytes", (SIZE,)),
+    "bytes_newobj": _call("builtins", "bytes", (SIZE,), pickle.NEWOBJ),
+    "ndarray": _call("numpy", "ndarray", ((SIZE // 8,), "f8")),
+    "reconstruct": _call("numpy.core.multiarray", "_reconstruct", (np.ndarray, (SIZE,), b"b")),
+    "scalar": _call("numpy.core.multiarray", "scalar", (np.dtype(f"V{SIZE}"),)),
+}
+CRAFTED_OPCODES = {  # a counted opcode whose declared length is far beyond the file: old loader, bare MemoryError
+    "binbytes8": b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"abc.",
+    "bytearray8": b"\x80\x05\x96" + (1 << 40).to_bytes(8, "little") + b"abc.",
+    "binunicode8": b"\x80\x04\x8d" + (1 << 40).to_bytes(8, "little") + b"abc.",
+    "frame": b"\x80\x04\x95" + (1 << 40).to_bytes(8, "little") + b"N.",
+}
+
+
+@pytest.mark.parametrize("mode", [{}, {"lean": True}, {"spill_dir": "spill"}])
+@pytest.mark.parametrize("case", [*CRAFTED_CALLS, *CRAFTED_OPCODES])
+def test_attacker_chosen_sizes_are_refused_before_allocating(tmp_path, case, mode):
+    """Issue 13.6: a tiny pickle asking for a huge buffer is refused by name, never allocated, never MemoryError."""
+    import tracemalloc
+
+    from pipeline.importers.pickle_limits import PickleSizeError
+
+    path = tmp_path / f"{case}.pkl"
+    path.write_bytes({**CRAFTED_CALLS, **CRAFTED_OPCODES}[case])
+    kwargs = {k: tmp_path / v if k == "spill_dir" else v for k, v in mode.items()}
+    tracemalloc.start()
+    try:
+        with pytest.raises(PickleSizeError) as err:
+            load_pickle(path, **kwargs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(err.value) and "not loaded" in str(err.value)
+    assert peak < 8 << 20, f"allocated {peak / 2**20:.0f} MiB before refusing"
+
+
+def test_size_caps_leave_real_arrays_alone(tmp_path):
+    """Legit pickles build exactly what they carry: a 2 MiB array loads under every protocol and mode."""
+    arr = np.random.default_rng(3).normal(size=(512, 512))
+    for protocol in (2, 4, 5):
+        path = tmp_path / f"ok{protocol}.pkl"
+        path.write_bytes(pickle.dumps({"a": arr, "b": bytearray(b"xy" * 10), "c": bytes(3)}, protocol=protocol))
+        for kwargs in ({}, {"lean": True}, {"spill_dir": tmp_path / f"s{protocol}"}):
+            back = load_pickle(path, **kwargs)
+            np.testing.assert_array_equal(back["a"], arr)
+            assert back["b"] == bytearray(b"xy" * 10) and back["c"] == bytes(3)

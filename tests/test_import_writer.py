@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.feature_table import FeatureTable, FeatureTableWriter, build_meta, read_feature_table, write_feature_table
+from pipeline.formats.feature_table import FeatureTable, FeatureTableWriter, build_meta, read_feature_table, write_feature_table
 
 
 def _table(n=7, t=3, d=4, seed=0):

@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 
 from pipeline.ingest import ingest
-from pipeline.manifest import read_manifest
+from pipeline.formats.manifest import read_manifest
 
 CLASSES = ["neutral", "happy", "sad", "angry"]
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.combinations import COMBINATIONS
-from pipeline.model.mcla import MCLALinear, active_combination, normalise_combination, set_active_combination
+from pipeline.core.modalities import COMBINATIONS
+from pipeline.methods.mcla import MCLALinear, active_combination, normalise_combination, set_active_combination
 
 IN, OUT, R = 6, 5, 3
 

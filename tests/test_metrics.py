@@ -9,7 +9,7 @@ from scipy.stats import pearsonr
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from pipeline.metrics import (classification_metrics, confusion_matrix, pearson, regression_metrics,
+from pipeline.core.metrics import (classification_metrics, confusion_matrix, pearson, regression_metrics,
                               selection_score)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.combinations import COMBINATIONS, MASKS
-from pipeline.model import MCULoRANet, ModelConfig, load_model, orthogonality_loss, save_model, task_loss
+from pipeline.core.modalities import COMBINATIONS, MASKS
+from pipeline.methods import MCULoRANet, ModelConfig, load_model, orthogonality_loss, save_model, task_loss
 
 DIMS = {"a": 5, "t": 7, "v": 3}
 LENS = {"a": 6, "t": 4, "v": 5}
@@ -251,7 +251,9 @@ def test_checkpoint_round_trip(tmp_path, variant):
     extra = {"classes": None, "feature_hashes": {"a": "abc"}, "best_epoch": 3}
     path = tmp_path / "model.pt"
     save_model(path, net, extra)
-    assert set(torch.load(path, weights_only=True)) == {"format", "config", "state_dict", "extra"}
+    payload = torch.load(path, weights_only=True)
+    assert set(payload) == {"format", "method", "config", "state_dict", "extra"}
+    assert payload["format"] == "imer-model/2" and payload["method"] == "mculora"
     loaded, got_extra = load_model(path)
     assert got_extra == extra and loaded.config == net.config and not loaded.training
     batch = make_batch()
@@ -259,6 +261,23 @@ def test_checkpoint_round_trip(tmp_path, variant):
     for c in (6, comb):
         torch.testing.assert_close(run(loaded, batch, c, comb_mask(batch, c)).prediction,
                                    run(net, batch, c, comb_mask(batch, c)).prediction, rtol=0, atol=0)
+
+
+def test_legacy_mculora_checkpoint_still_loads(tmp_path):
+    """Checkpoints written before the method registry (format imer-mculora/1, no `method`) load as MCULoRA."""
+    net = tiny_net(variant="mculora")
+    randomise_adapters(net)
+    config = net.config.to_dict()
+    for key in ("method", "options", "modalities"):  # fields the old ModelConfig did not have
+        config.pop(key)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"format": "imer-mculora/1", "config": config,
+                "state_dict": {k: v.detach().clone() for k, v in net.state_dict().items()}, "extra": {"seed": 1}}, legacy)
+    loaded, extra = load_model(legacy)
+    assert extra == {"seed": 1} and loaded.config.method == "mculora" and type(loaded) is type(net)
+    batch = make_batch()
+    torch.testing.assert_close(run(loaded, batch, 6, comb_mask(batch, 6)).prediction,
+                               run(net, batch, 6, comb_mask(batch, 6)).prediction, rtol=0, atol=0)
 
 
 def test_load_rejects_bad_files(tmp_path):
@@ -287,7 +306,7 @@ def test_config_validation_and_round_trip():
 
 def test_input_standardisation_is_stored_and_applied(tmp_path):
     """Train-fitted (mean, std) live in buffers: a checkpoint carries them and inputs are standardised."""
-    from pipeline.model import load_model, save_model
+    from pipeline.methods import load_model, save_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(input_dims={"a": 3, "t": 4, "v": 2}, seq_lens={"a": 5, "t": 6, "v": 4}, task="classification",

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.registry import CHALLENGER, CHAMPION, register_candidate
-from pipeline.tracking import fluent_uri
+from pipeline.tracking.registry import CHALLENGER, CHAMPION, register_candidate
+from pipeline.tracking.runs import fluent_uri
 
 pytestmark = pytest.mark.integration
 
@@ -88,10 +88,45 @@ def test_lower_is_better_and_rerun_reuses_version(store):
     a = register_candidate(run_a, name, 0.9, {}, client, greater_is_better=False)
     b = register_candidate(_logged_run(store), name, 0.8, {}, client, greater_is_better=False)
     assert a.decision == "promoted" and b.decision == "promoted"
-    again = register_candidate(run_a, name, 0.9, {}, client, greater_is_better=False)
+    before = client.get_model_version(name, a.version)
+    again = register_candidate(run_a, name, 0.2, {"git_rev": "other"}, client, greater_is_better=False)
     assert again.version == a.version  # no duplicate version for the same run
-    assert again.decision == "kept"
+    assert again.decision == "already_registered" and "nothing changed" in again.reason
+    assert again.candidate_score == pytest.approx(0.9) and again.champion_version == b.version
+    after = client.get_model_version(name, a.version)
+    assert after.tags == before.tags and after.aliases == before.aliases  # score and decision never rewritten
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == b.version
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
+
+
+def test_champion_re_registered_keeps_its_decision(store):
+    """Issue 13.1: re-registering the champion's own run used to overwrite its `decision` tag with "kept"."""
+    _, client, _ = store
+    name = "champion-rerun"
+    run_id = _logged_run(store)
+    first = register_candidate(run_id, name, 0.7, EVIDENCE, client)
+    tags = client.get_model_version(name, first.version).tags
+    again = register_candidate(run_id, name, 0.7, EVIDENCE, client)
+    assert again.decision == "already_registered"
+    mv = client.get_model_version(name, first.version)
+    assert mv.tags == tags and mv.tags["decision"] == "promoted"
+    assert set(mv.aliases) == {CHAMPION, CHALLENGER}
+
+
+def test_interrupted_registration_is_completed(store):
+    """A version created but never tagged (a kill mid-registration) gets its evidence and decision on re-run."""
+    uri, client, _ = store
+    from pipeline.tracking.registry import resolve_model_source
+
+    name = "interrupted"
+    run_id = _logged_run(store)
+    client.create_registered_model(name)
+    source, model_id = resolve_model_source(client, run_id)
+    with fluent_uri(uri):
+        bare = client.create_model_version(name, source=source, run_id=run_id, model_id=model_id)
+    done = register_candidate(run_id, name, 0.6, EVIDENCE, client)
+    assert done.version == str(bare.version) and done.decision == "promoted"
+    assert client.get_model_version(name, done.version).tags["decision"] == "promoted"
 
 
 def test_missing_logged_model_is_a_clear_error(store):

@@ -6,7 +6,7 @@ import sys
 
 import psutil
 
-from pipeline.repro import SERVER_NAME, repro
+from flows.repro import SERVER_NAME, repro
 
 PROBE = (
     "import json, os, shutil, sys, urllib.request\n"

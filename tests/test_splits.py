@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.combinations import MODALITY_ORDER, TABLE_NAME
-from pipeline.feature_table import read_feature_table
-from pipeline.manifest import read_manifest
+from pipeline.core.modalities import MODALITY_ORDER, TABLE_NAME
+from pipeline.formats.feature_table import read_feature_table
+from pipeline.formats.manifest import read_manifest
 from pipeline.splits import build_splits, random_missing_masks, read_assignment, read_random_masks
-from pipeline.testing_data import make_feature_dataset
+from tests.factories import make_feature_dataset
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,78 @@ def test_natural_presence_matches_feature_tables(dataset, tmp_path):
     assert not (natural.column("a").to_numpy(zero_copy_only=False) & True).all()  # some rows really missing
     recorded = json.loads((tmp_path / "splits.json").read_text())
     assert recorded["seed"] == 2 and recorded["strategy"] == "by_session"
+
+
+# ---------------------------------------------------------------- domains (shifted rows for adaptation)
+@pytest.fixture(scope="module")
+def shifted_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shifted")
+    manifest, features = make_feature_dataset(root, n=180, sessions=5, missing_share=0.2, seed=3, shifted=60)
+    return root, manifest, features
+
+
+@pytest.mark.parametrize("params", [{"strategy": "by_session"}, {"strategy": "by_speaker"},
+                                    {"strategy": "loso", "fold": 1}])
+def test_shifted_rows_never_reach_train_val_test(shifted_dataset, tmp_path, params):
+    from pipeline.splits import SHIFTED_SPLITS, SPLITS, row_domains
+
+    _, manifest, features = shifted_dataset
+    summary = build_splits(manifest, features, tmp_path, {"seed": 1, **params})
+    _, split = read_assignment(tmp_path)
+    domain = row_domains(read_manifest(manifest)[0])
+    assert set(split[domain == "shifted"]) == set(SHIFTED_SPLITS)
+    assert set(split[domain == "source"]) == set(SPLITS)
+    speakers = _groups(manifest, "speaker")
+    assert not set(speakers[split == "shifted_adapt"]) & set(speakers[split == "shifted_test"])
+    assert summary["domains"] == {"shifted": {"shifted_adapt": 30, "shifted_test": 30},
+                                  "source": {s: summary["counts"][s]["n"] for s in SPLITS}}
+    assert summary["groups"]["shifted_adapt"] == ["Shf01"] and summary["groups"]["shifted_test"] == ["Shf02"]
+
+
+def test_shifted_rows_leave_source_splits_and_masks_unchanged(shifted_dataset, tmp_path):
+    """The source rows of a shifted corpus split exactly as the same corpus without shifted rows."""
+    root, manifest, features = shifted_dataset
+    plain_manifest, plain_features = make_feature_dataset(root / "plain", n=180, sessions=5, missing_share=0.2, seed=3)
+    build_splits(manifest, features, tmp_path / "s", {"seed": 1})
+    build_splits(plain_manifest, plain_features, tmp_path / "p", {"seed": 1})
+    ids_s, split_s = read_assignment(tmp_path / "s")
+    ids_p, split_p = read_assignment(tmp_path / "p")
+    assert list(ids_s[: len(ids_p)]) == list(ids_p) and list(split_s[: len(ids_p)]) == list(split_p)
+    for name in ("val", "test"):
+        got, want = read_random_masks(tmp_path / "s", name), read_random_masks(tmp_path / "p", name)
+        assert all((got[mr][1] == want[mr][1]).all() and list(got[mr][0]) == list(want[mr][0]) for mr in want)
+    shifted_masks = read_random_masks(tmp_path / "s", "shifted_test")
+    assert len(shifted_masks) == 8 and all(len(ids) == 30 for ids, _ in shifted_masks.values())
+    assert all(mask.any(axis=1).all() for _, mask in shifted_masks.values())
+
+
+def test_one_shifted_session_is_split_by_speaker(tmp_path):
+    manifest, features = make_feature_dataset(tmp_path / "d", n=100, seed=2, shifted=40, shifted_sessions=1)
+    summary = build_splits(manifest, features, tmp_path / "s", {"seed": 1})
+    _, split = read_assignment(tmp_path / "s")
+    speakers = _groups(manifest, "speaker")
+    assert set(speakers[split == "shifted_adapt"]) and set(speakers[split == "shifted_test"])
+    assert not set(speakers[split == "shifted_adapt"]) & set(speakers[split == "shifted_test"])
+    assert summary["counts"]["shifted_adapt"]["n"] + summary["counts"]["shifted_test"]["n"] == 40
+
+
+def test_domain_guard_raises_on_a_leaked_row():
+    from pipeline.splits import check_domain_separation
+
+    domain = np.array(["source", "shifted", "shifted"], dtype=object)
+    check_domain_separation(domain, np.array(["train", "shifted_adapt", "shifted_test"]))
+    with pytest.raises(ValueError, match="shifted-domain rows are assigned to train/val/test"):
+        check_domain_separation(domain, np.array(["train", "train", "shifted_test"]))
+    with pytest.raises(ValueError, match="source-domain rows"):
+        check_domain_separation(domain, np.array(["shifted_test", "shifted_adapt", "shifted_test"]))
+
+
+def test_training_views_hold_no_shifted_row(shifted_dataset, tmp_path):
+    from pipeline.training.data import MultimodalData
+
+    _, manifest, features = shifted_dataset
+    build_splits(manifest, features, tmp_path, {"seed": 1})
+    for include in (("train", "val"), ("train", "val", "test")):
+        data = MultimodalData.load(manifest, features, tmp_path, include=include)
+        assert not any(u.startswith("s") for u in data.utterance_id.tolist())
+        assert set(data.split) <= {"train", "val", "test"}

@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.atomic import atomic_path
-from pipeline.combinations import COMBINATIONS, MASKS, combination_mask, mask_to_index
-from pipeline.feature_table import FeatureTable, build_meta, read_feature_table, write_feature_table
-from pipeline.manifest import MANIFEST_SCHEMA, manifest_meta, read_manifest, write_manifest
+from pipeline.core.atomic import atomic_path
+from pipeline.core.modalities import COMBINATIONS, MASKS, combination_mask, mask_to_index
+from pipeline.formats.feature_table import FeatureTable, build_meta, read_feature_table, write_feature_table
+from pipeline.formats.manifest import MANIFEST_SCHEMA, manifest_meta, read_manifest, write_manifest
 
 
 def _table(n: int = 5, t: int = 4, d: int = 3) -> FeatureTable:
@@ -88,7 +88,7 @@ def test_combination_masks_and_indices_agree() -> None:
 
 
 def test_multi_batch_table_is_read_without_concatenating(tmp_path: Path) -> None:
-    from pipeline.feature_table import ChunkedRows, FeatureTableWriter
+    from pipeline.formats.feature_table import ChunkedRows, FeatureTableWriter
 
     rng = np.random.default_rng(1)
     seq = rng.normal(size=(10, 3, 2)).astype(np.float32)

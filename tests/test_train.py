@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.combinations import COMBINATIONS, MODALITY_ORDER
-from pipeline.data import MultimodalData
-from pipeline.model import load_model
+from pipeline.core.modalities import COMBINATIONS, MODALITY_ORDER
+from pipeline.training.data import MultimodalData
+from pipeline.methods import load_model
 from pipeline.splits import build_splits
-from pipeline.testing_data import make_feature_dataset
+from tests.factories import make_feature_dataset
 from pipeline.train import train_model
 
 FAST = {"seed": 5, "max_epochs": 4, "patience": 4, "batch_size": 32, "lr": 3e-3,
@@ -119,7 +119,7 @@ def test_regression_task_trains(tmp_path):
 def test_mlflow_run_has_per_epoch_metrics(paths, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import start_run
+    from pipeline.tracking.runs import start_run
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -141,3 +141,71 @@ def test_mlflow_run_has_per_epoch_metrics(paths, tmp_path, monkeypatch):
             assert sorted(steps) == list(range(summary["epochs_run"])), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "train")}
     assert "train/train_summary.json" in artifacts
+
+
+def test_config_defaults_are_the_params_yaml_values():
+    """One home per default: params.yaml shows every key of TrainConfig with the dataclass's value."""
+    from pipeline.core.params import load_params
+    from pipeline.training.config import TrainConfig
+
+    section = load_params("train")
+    assert TrainConfig.from_params(section).to_dict() == TrainConfig().to_dict()
+    flat = set(TrainConfig().to_dict()) - set(section)
+    assert not flat, f"params.yaml train section lacks {sorted(flat)}"
+    with pytest.raises(ValueError, match="train.lrr"):
+        TrainConfig.from_params({"lrr": 0.1})
+    with pytest.raises(ValueError, match="train.model.d_modle"):
+        TrainConfig.from_params({"model": {"d_modle": 3}})
+
+
+def test_test_rows_in_training_raise_a_clear_error(paths, tmp_path, monkeypatch):
+    """The leak guard is an exception (an assert would vanish under python -O)."""
+    from pipeline.training.loop import TestRowsInTraining
+
+    data = _load(paths, include=("train", "val", "test"))
+    monkeypatch.setattr(MultimodalData, "subset", lambda self, split: self)  # a view that leaks every row
+    with pytest.raises(TestRowsInTraining, match="include=\\('train', 'val'\\)"):
+        train_model(data, FAST, tmp_path)
+
+
+def test_mae_selection_keeps_the_lowest_error_epoch(tmp_path):
+    """With a lower-is-better selection metric the checkpoint, early stopping and summary take the minimum."""
+    manifest, features = make_feature_dataset(tmp_path / "d", n=120, task="regression", seed=2)
+    build_splits(manifest, features, tmp_path / "s", {"seed": 1})
+    data = MultimodalData.load(manifest, features, tmp_path / "s", include=("train", "val"))
+    summary = train_model(data, {**FAST, "max_epochs": 4, "selection_metric": "mae", "lr": 3e-2}, tmp_path / "o")
+    history = json.loads((tmp_path / "o" / "reports" / "train_history.json").read_text())
+    maes = [h["val/mae/mean"] for h in history]
+    assert len(set(maes)) > 1, "the epochs must differ for the test to mean anything"
+    assert summary["monitor"] == "val/mae/mean" and summary["best_val_mean"] == min(maes)
+    assert history[summary["best_epoch"]]["val/mae/mean"] == min(maes)
+
+
+@pytest.mark.parametrize("modalities", [("t",), ("a", "t")])
+def test_dataset_without_some_modalities_trains_and_reports_only_formable_combinations(tmp_path, modalities):
+    from pipeline.core.modalities import formable_combinations
+    from pipeline.evaluate import evaluate_model
+
+    manifest, features = make_feature_dataset(tmp_path / "d", n=160, seed=3, modalities=modalities)
+    build_splits(manifest, features, tmp_path / "s", {"seed": 1})
+    data = MultimodalData.load(manifest, features, tmp_path / "s", include=("train", "val"))
+    summary = train_model(data, {**FAST, "max_epochs": 2}, tmp_path / "o")
+    formable = formable_combinations(modalities)
+    assert summary["combinations"] == list(formable) and summary["modalities"] == list(modalities)
+    assert set(summary["best_val"]) == set(formable)
+    history = json.loads((tmp_path / "o" / "reports" / "train_history.json").read_text())
+    for h in history:  # only formable combinations are scored, drawn and averaged
+        assert {k.split("/")[2] for k in h if k.startswith("val/wa/")} == set(formable) | {"mean"}
+        assert h["val/wa/mean"] == pytest.approx(np.mean([h[f"val/wa/{c}"] for c in formable]))
+        assert all(c in formable for c, k in ((k.split("/")[2], v) for k, v in h.items()
+                                              if k.startswith("train/draws/")) if k)
+    model, extra = load_model(tmp_path / "o" / "models" / "model.pt")
+    assert model.config.modalities == modalities and extra["combinations"] == list(formable)
+    full = MultimodalData.load(manifest, features, tmp_path / "s")
+    metrics = evaluate_model(tmp_path / "o" / "models" / "model.pt", full, tmp_path / "s")["metrics"]
+    assert metrics["combinations"] == list(formable)
+    for c in COMBINATIONS:
+        entry = metrics["test"]["fixed"][c]
+        assert ("wa" in entry) == (c in formable) and (c in formable or entry == {"applicable": False})
+    assert metrics["test"]["fixed"]["mean"]["wa"] == pytest.approx(
+        np.mean([metrics["test"]["fixed"][c]["wa"] for c in formable]))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_path
+from pipeline.core.atomic import atomic_path
 
 # reason code -> broken modality
 BREAKAGES: dict[str, str] = {

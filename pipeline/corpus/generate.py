@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path, write_json
+from pipeline.core.atomic import atomic_path, write_json
 from pipeline.corpus import audio, breakage, text, video
 from pipeline.corpus.config import CorpusConfig
 from pipeline.corpus.speakers import Speaker, make_speakers
-from pipeline.manifest import META_KEY, manifest_meta
+from pipeline.formats.manifest import META_KEY, manifest_meta
 
 GENERATOR_VERSION = "1"
 LISTING_NAME = "listing.parquet"

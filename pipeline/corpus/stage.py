@@ -6,7 +6,7 @@ from typing import Any
 
 from pipeline.corpus.config import CorpusConfig
 from pipeline.corpus.generate import generate_corpus
-from pipeline.params import load_params
+from pipeline.core.params import load_params
 
 SECTION = "corpus"
 

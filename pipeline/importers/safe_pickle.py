@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.importers.pickle_limits import CappedReader, PickleSizeError, check_call
+
 # (module, name) pairs a feature pickle may reference. Python-2 module names are
 # translated first (see `_PY2_MODULES`); `numpy.core` is the pre-2.0 name of `numpy._core`.
 _BUILTINS = ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes", "bytearray", "bool")
@@ -53,11 +55,19 @@ class UnsafePickleError(ValueError):
     """A pickle asked for a class or function outside the allow-list."""
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler whose `find_class` admits only containers, numbers, strings and numpy arrays."""
+class RestrictedUnpickler(pickle._Unpickler):
+    """An Unpickler whose `find_class` admits only containers, numbers, strings and numpy arrays.
+
+    Pure Python on purpose: the C unpickler allocates a counted opcode's declared
+    length before reading it (20 bytes of file can ask for 1 TiB). Here every read
+    is capped at what is left in the file and every allowed call that takes a size
+    is capped at the file's size (`pickle_limits`), so nothing is built that the
+    file does not carry.
+    """
 
     def __init__(self, file: Any, source: str, encoding: str = "latin1") -> None:
-        super().__init__(file, encoding=encoding, fix_imports=True)
+        self._reader = CappedReader(file, source)
+        super().__init__(self._reader, encoding=encoding, fix_imports=True)
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
@@ -70,6 +80,71 @@ class RestrictedUnpickler(pickle.Unpickler):
                 "A feature pickle never needs it; do not load this file with plain pickle.load."
             )
         return target
+
+    def _check(self, func: Any, args: Any) -> None:
+        check_call(func, args, _ALLOWED, self.source, self._reader.size)
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_reduce(self) -> None:
+        self._check(self.stack[-2], self.stack[-1])
+        pickle._Unpickler.load_reduce(self)
+
+    def load_newobj(self) -> None:
+        self._check(self.stack[-2], self.stack[-1])  # cls.__new__(cls, *args): bytes.__new__ allocates
+        pickle._Unpickler.load_newobj(self)
+
+    def load_newobj_ex(self) -> None:
+        self._check(self.stack[-3], self.stack[-2])
+        pickle._Unpickler.load_newobj_ex(self)
+
+    def _instantiate(self, klass: Any, args: Any) -> None:  # INST / OBJ opcodes
+        self._check(klass, tuple(args))
+        pickle._Unpickler._instantiate(self, klass, args)
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    def load_bytearray8(self) -> None:
+        """BYTEARRAY8 (protocol-5 arrays) read straight into the bytearray.
+
+        The stock path reads a bytes copy and slice-assigns it, which copies once
+        more: three times the array at once. Mirrors `_Unframer.readinto`, using
+        `_Unpickler`'s private `_unframer` (CPython 3.8+) and the capped file's `readinto`;
+        the size is checked against what is left before the buffer is allocated.
+        """
+        (size,) = struct.unpack("<Q", self.read(8))
+        if size > sys.maxsize:
+            raise pickle.UnpicklingError(f"BYTEARRAY8 of {size} bytes exceeds the system's maximum size")
+        frame = self._unframer.current_frame
+        in_frame = 0
+        if frame is not None:
+            with frame.getbuffer() as whole:
+                in_frame = whole.nbytes - frame.tell()
+        if in_frame == 0:
+            self._reader.check(size, "read a BYTEARRAY8 of")  # before allocating it
+        elif size > in_frame:
+            raise PickleSizeError(f"{self.source}: a BYTEARRAY8 of {size} bytes does not fit in its frame; "
+                                  "a truncated or crafted file; not loaded")
+        buf = bytearray(size)
+        view = memoryview(buf)
+        if frame is not None:
+            got = frame.readinto(view)
+            if got == size:
+                self.append(buf)
+                return
+            if got:
+                raise pickle.UnpicklingError("pickle exhausted before end of frame")
+            self._unframer.current_frame = None
+        while view.nbytes:
+            got = self._reader.readinto(view)
+            if not got:
+                raise EOFError(f"pickle ends inside a {size}-byte buffer")
+            view = view[got:]
+        self.append(buf)
+
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
 
 _DROPPED = object()
@@ -111,15 +186,12 @@ class _LeanMemo(dict):
         return value
 
 
-class LeanRestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler exposes its memo
-    """`RestrictedUnpickler`'s allow-list with a memo that frees array buffers (for multi-GB MMSA pickles)."""
+class LeanRestrictedUnpickler(RestrictedUnpickler):
+    """`RestrictedUnpickler` with a memo that frees array buffers (for multi-GB MMSA pickles)."""
 
     def __init__(self, file: Any, source: str, encoding: str = "latin1") -> None:
-        super().__init__(file, encoding=encoding, fix_imports=True)
-        self.source = source
+        super().__init__(file, source, encoding=encoding)
         self.memo = _LeanMemo()
-
-    find_class = RestrictedUnpickler.find_class
 
 
 class _SpillMemo(_LeanMemo):
@@ -202,7 +274,6 @@ class SpillingUnpickler(LeanRestrictedUnpickler):
         self.spill_dir = spill_dir
         self.spill_bytes = spill_bytes
         self.spilled = 0
-        self._readinto = file.readinto
 
     def find_class(self, module: str, name: str) -> Any:
         target = super().find_class(module, name)  # the allow-list refuses first
@@ -251,36 +322,6 @@ class SpillingUnpickler(LeanRestrictedUnpickler):
 
     dispatch[pickle.BUILD[0]] = load_build
 
-    def load_bytearray8(self) -> None:
-        """BYTEARRAY8 (protocol-5 arrays) read straight into the bytearray.
-
-        The stock path reads a bytes copy and slice-assigns it, which copies once
-        more: three times the array at once. Mirrors `_Unframer.readinto`, using
-        `_Unpickler`'s private `_unframer` (CPython 3.8+) and the file's own `readinto`.
-        """
-        (size,) = struct.unpack("<Q", self.read(8))
-        if size > sys.maxsize:
-            raise pickle.UnpicklingError(f"BYTEARRAY8 of {size} bytes exceeds the system's maximum size")
-        buf = bytearray(size)
-        view = memoryview(buf)
-        frame = self._unframer.current_frame
-        if frame is not None:
-            got = frame.readinto(view)
-            if got == size:
-                self.append(buf)
-                return
-            if got:
-                raise pickle.UnpicklingError("pickle exhausted before end of frame")
-            self._unframer.current_frame = None
-        while view.nbytes:
-            got = self._readinto(view)
-            if not got:
-                raise EOFError(f"pickle ends inside a {size}-byte buffer")
-            view = view[got:]
-        self.append(buf)
-
-    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
-
 
 def load_pickle(
     path: str | Path, encoding: str = "latin1", lean: bool = False,
@@ -312,8 +353,11 @@ def load_pickle(
             unpickler = (LeanRestrictedUnpickler if lean else RestrictedUnpickler)(handle, str(path), encoding=encoding)
         try:
             return unpickler.load()
-        except UnsafePickleError:
+        except (UnsafePickleError, PickleSizeError):
             raise
+        except MemoryError as exc:
+            raise PickleSizeError(f"{path}: out of memory while unpickling ({exc or 'MemoryError'}); for a pickle "
+                                  "of large arrays, load it with spill_dir= (arrays go to .npy files)") from exc
         except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, AttributeError, TypeError) as exc:
             raise ValueError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from exc
 

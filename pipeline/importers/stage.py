@@ -17,15 +17,16 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline.feature_table import FeatureTableWriter, build_meta
+from pipeline.core.modalities import LETTER_OF_MANIFEST, TABLE_OF_MANIFEST
+from pipeline.formats.feature_table import FeatureTableWriter, build_meta
 from pipeline.importers import gcnet, mmsa
 from pipeline.importers import missingness as miss
-from pipeline.manifest import MODALITIES, manifest_meta, write_manifest
-from pipeline.params import config_hash, load_params
+from pipeline.formats.manifest import MODALITIES, manifest_meta, write_manifest
+from pipeline.core.params import config_hash, load_params
 
 SECTION = "import"
-TABLES: dict[str, str] = {"audio": "acoustic", "text": "textual", "video": "visual"}
-LETTER: dict[str, str] = {"audio": "a", "text": "t", "video": "v"}
+TABLES = TABLE_OF_MANIFEST  # "audio" -> "acoustic"
+LETTER = LETTER_OF_MANIFEST  # "audio" -> "a"
 DATASETS: dict[str, dict[str, Any]] = {
     # Class order = integer label order of the label pickle; override with import.classes.
     "iemocap4": {"task": "classification", "classes": ["neutral", "happy", "sad", "angry"]},

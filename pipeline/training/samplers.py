@@ -1,0 +1,165 @@
+"""Training batch samplers: homogeneous-combination batches (MCULoRA/DPFT) or random modality dropout.
+
+Each sampler yields `BatchKey`s; `BatchDataset[key]` turns one key into one batch of
+tensors, so a torch DataLoader with `batch_size=None` copies only the rows of that
+batch. Homogeneous batches only contain samples whose natural presence covers the
+drawn combination: the combination of the batch is a fact about every sample in
+it (the research code read it off the first sample).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from pipeline.core.modalities import COMBINATIONS, MASKS, mask_to_index
+from pipeline.training.data import MultimodalData
+
+N_COMB = len(COMBINATIONS)
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Local sample indices of one batch plus how its modalities are masked."""
+
+    index: np.ndarray  # (B,) local indices into the training view
+    combination: int | None = None  # homogeneous batch
+    mask: np.ndarray | None = None  # (B, 3) per-sample mask (random modality dropout)
+
+
+class BatchDataset(Dataset):
+    """Maps a BatchKey to a batch of tensors (no per-sample Python work)."""
+
+    def __init__(self, data: MultimodalData):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, key: BatchKey) -> dict:
+        return self.data.batch(key.index, combination=key.combination, mask=key.mask)
+
+
+class HomogeneousBatchSampler:
+    """Draw a combination c ~ q per batch, then a batch of samples whose natural presence covers c.
+
+    Per combination, the eligible samples are consumed from a seeded shuffled pool
+    (reshuffled when exhausted), so over an epoch every eligible sample is visited
+    about evenly. Combinations with no eligible sample get probability 0 (their
+    share moves to the others). `q` is set by DPFT between epochs.
+    """
+
+    def __init__(self, natural: np.ndarray, batch_size: int, seed: int, q: np.ndarray | None = None,
+                 batches_per_epoch: int | None = None, allowed: np.ndarray | None = None):
+        self.natural = np.asarray(natural, dtype=bool)  # (N, 3)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        covers = (self.natural[:, None, :] | ~MASKS[None, :, :]).all(axis=2)  # (N, 7): sample has all of c
+        if allowed is not None:  # only the combinations the dataset can form
+            covers &= np.asarray(allowed, dtype=bool)[None, :]
+        self.eligible = [np.flatnonzero(covers[:, c]) for c in range(N_COMB)]
+        self.available = np.array([len(e) > 0 for e in self.eligible])
+        if not self.available.any():
+            raise ValueError("no training sample has any modality present")
+        n = int(self.natural.any(axis=1).sum())
+        self.n_batches = batches_per_epoch or max(1, int(np.ceil(n / self.batch_size)))
+        self.q = np.full(N_COMB, 1.0 / N_COMB) if q is None else np.asarray(q, dtype=float)
+        self.epoch = 0
+        self.history: list[dict[str, int]] = []  # per-epoch batch counts per combination
+        self.last_counts: dict[str, int] = {}
+
+    def set_q(self, q: np.ndarray) -> None:
+        q = np.asarray(q, dtype=float)
+        if q.shape != (N_COMB,) or (q < 0).any() or q.sum() <= 0:
+            raise ValueError(f"q must be 7 non-negative weights, got {q}")
+        self.q = q / q.sum()
+
+    def effective_q(self) -> np.ndarray:
+        """q restricted to combinations that have eligible samples, renormalised."""
+        q = np.where(self.available, self.q, 0.0)
+        return q / q.sum()
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def draw_epoch(self, epoch: int) -> list[BatchKey]:
+        """The batches of `epoch`: a pure function of (seed, epoch, q)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        combos = rng.choice(N_COMB, size=self.n_batches, p=self.effective_q())
+        pools = [rng.permutation(e) for e in self.eligible]
+        cursor = [0] * N_COMB
+        keys = []
+        for c in combos.tolist():
+            pool, take = pools[c], min(self.batch_size, len(pools[c]))
+            if cursor[c] + take > len(pool):  # exhausted: reshuffle this combination's pool
+                pools[c] = pool = rng.permutation(self.eligible[c])
+                cursor[c] = 0
+            idx = pool[cursor[c]:cursor[c] + take]
+            cursor[c] += take
+            keys.append(BatchKey(index=idx, combination=c))
+        return keys
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        keys = self.draw_epoch(self.epoch)
+        counts = np.bincount([k.combination for k in keys], minlength=N_COMB)
+        self.last_counts = {c: int(counts[i]) for i, c in enumerate(COMBINATIONS)}
+        self.history.append({"epoch": self.epoch, **self.last_counts})
+        self.epoch += 1
+        return iter(keys)
+
+
+class ModalityDropoutSampler:
+    """Random modality dropout (variant `plain`, two_stage stage 1): a shuffled pass over the
+    samples; each sample keeps a uniformly drawn non-empty subset of its present modalities."""
+
+    def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None = None):
+        self.natural = np.asarray(natural, dtype=bool)  # (N, 3)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        # (7,) combinations a sample may be reduced to; the dataset's formable ones
+        self.allowed = np.ones(N_COMB, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+        self.usable = np.flatnonzero(((self.natural[:, None, :] | ~MASKS[None, :, :]).all(axis=2)
+                                      & self.allowed[None, :]).any(axis=1))
+        if len(self.usable) == 0:
+            raise ValueError("no training sample has any modality present")
+        self.epoch = 0
+        self.history: list[dict[str, int]] = []
+        self.last_counts: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return int(np.ceil(len(self.usable) / self.batch_size))
+
+    def draw_epoch(self, epoch: int) -> list[BatchKey]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.usable)
+        nat = self.natural[order]  # (N, 3)
+        allowed = (nat[:, None, :] | ~MASKS[None, :, :]).all(axis=2) & self.allowed[None, :]  # (N, 7) subsets
+        pick = np.argmax(np.where(allowed, rng.random(allowed.shape), -1.0), axis=1)  # uniform among allowed
+        masks = MASKS[pick]  # (N, 3)
+        return [BatchKey(index=order[s:s + self.batch_size], mask=masks[s:s + self.batch_size])
+                for s in range(0, len(order), self.batch_size)]
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        keys = self.draw_epoch(self.epoch)
+        counts = np.bincount(np.concatenate([mask_to_index(k.mask) for k in keys]), minlength=N_COMB)
+        self.last_counts = {c: int(counts[i]) for i, c in enumerate(COMBINATIONS)}  # samples per combination
+        self.history.append({"epoch": self.epoch, **self.last_counts})
+        self.epoch += 1
+        return iter(keys)
+
+
+# Sampler registry: StagePlan.sampler -> class. Each takes (natural (N, 3), batch_size, seed, allowed (7,) bool).
+SAMPLERS: dict[str, type] = {
+    "homogeneous": HomogeneousBatchSampler,
+    "dropout": ModalityDropoutSampler,
+}
+
+
+def make_sampler(kind: str, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None = None,
+                 **options):
+    """The sampler registered as `kind`, drawing only the `allowed` (formable) combinations."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"unknown sampler {kind!r}; registered: {', '.join(SAMPLERS)}")
+    return SAMPLERS[kind](natural, batch_size, seed, allowed=allowed, **options)

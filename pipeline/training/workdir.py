@@ -1,0 +1,64 @@
+"""Where training keeps its files between steps: a temp folder under the project, and the stage cache.
+
+Temporary checkpoints live under `<out_dir>/.imer/tmp/` (git-ignored, never the system temp dir),
+removed when the run ends, also on error. A stage whose plan sets `cache_key` stores its weights
+under `<out_dir>/.imer/stage_cache/<hash>.pt`, keyed by that key plus the feature-table and split
+hashes, the network config and the seed, and is restored instead of retrained when all match.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from pipeline.core.atomic import atomic_path
+from pipeline.core.hashing import config_hash
+
+WORK_DIR = ".imer"
+
+
+@contextlib.contextmanager
+def training_tmpdir(out_dir: str | Path) -> Iterator[Path]:
+    """A fresh folder under `<out_dir>/.imer/tmp/`, removed on exit."""
+    root = Path(out_dir) / WORK_DIR / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="train-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class StageCache:
+    """Stored weights of one stage, reusable when data, config, seed and the stage's key all match."""
+
+    def __init__(self, out_dir: Path, stage: Any, cfg: Any, provenance: Mapping[str, Any], model: torch.nn.Module):
+        features = {m: info.get("file_sha256") for m, info in (provenance.get("features") or {}).items()}
+        config = model.config.to_dict()
+        config.pop("extra", None)
+        key = {"stage": stage.name, "key": stage.cache_key, "features": features, "epochs": stage.epochs,
+               "splits": provenance.get("splits_hash"), "manifest": provenance.get("manifest_sha256"),
+               "config": config, "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size,
+               "standardise": cfg.standardise_inputs}
+        self.key = key
+        self.path = Path(out_dir) / WORK_DIR / "stage_cache" / f"{config_hash(key)}.pt"
+
+    def restore(self, model: torch.nn.Module) -> bool:
+        """Load the stored weights into `model`; False when there are none (then train and `store`)."""
+        if not self.path.exists():
+            return False
+        payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        if payload.get("key_hash") != config_hash(self.key):
+            return False
+        model.load_state_dict(payload["state_dict"])
+        return True
+
+    def store(self, model: torch.nn.Module) -> None:
+        payload = {"key_hash": config_hash(self.key),
+                   "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+        with atomic_path(self.path) as tmp:
+            torch.save(payload, tmp)
