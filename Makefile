@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-all bench
+.PHONY: install run test test-fast bench
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,10 @@ install: $(STAMP)
 run: $(STAMP)
 	imer repro
 
-## Fast test suite (slow and GPU tests are skipped by default).
+## The whole suite, slow end-to-end tests included (real DVC, Prefect, MLflow); GPU tests skip without a GPU.
 test: $(STAMP)
 	python -m pytest
 
-## Everything, including slow end-to-end tests.
-test-all: $(STAMP)
-	python -m pytest -m "not gpu"
+## Quick loop while developing: skips the slow end-to-end tests.
+test-fast: $(STAMP)
+	python -m pytest -m "not slow and not gpu"

@@ -195,12 +195,13 @@ def epoch_time(out: str | Path, steps: int, task_strategy: str, val_rows: int = 
     """
     import torch
 
-    from pipeline.training.data import MultimodalData, feature_statistics, train_prior
-    from pipeline.training.lit_module import MCULoRAModule
-    from pipeline.methods import MCULoRANet
-    from pipeline.training.samplers import BatchDataset, HomogeneousBatchSampler
+    from pipeline.methods.registry import build_network
     from pipeline.splits import build_splits
-    from pipeline.train import DEFAULT_SELECTION, _trainer, _val_loader, build_model_config
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.data import MultimodalData, feature_statistics, train_prior
+    from pipeline.training.lit_module import MethodModule
+    from pipeline.training.loop import _trainer, _val_loader, build_model_config
+    from pipeline.training.samplers import BatchDataset, HomogeneousBatchSampler
 
     out = Path(out)
     torch.set_num_threads(1)
@@ -209,11 +210,11 @@ def epoch_time(out: str | Path, steps: int, task_strategy: str, val_rows: int = 
     data = MultimodalData.load(out / "manifest.parquet", out / "features", out / "splits", include=("train", "val"))
     train, val = data.subset("train"), data.subset("val")
     torch.manual_seed(0)
-    model = MCULoRANet(build_model_config(data, {}))
+    model = build_network(build_model_config(data, TrainConfig(), ("a", "t", "v")))
     t0 = time.perf_counter()
     model.set_input_statistics(feature_statistics(train))
     stats_s = time.perf_counter() - t0
-    module = MCULoRAModule(model, prior=train_prior(data), selection_metric=DEFAULT_SELECTION[data.task])
+    module = MethodModule(model, prior=train_prior(data))
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sampler = HomogeneousBatchSampler(train.view_natural(), 32, 0)
     dataset = BatchDataset(train)
@@ -221,9 +222,9 @@ def epoch_time(out: str | Path, steps: int, task_strategy: str, val_rows: int = 
     t0 = time.perf_counter()
     for key in keys[:steps]:
         batch = dataset[key]
-        _, l_task, l_ort = module.model_step(batch)
+        _, l_task, aux = module.model_step(batch)
         optim.zero_grad()
-        (l_task + 0.1 * l_ort).backward()
+        sum((w * v for w, v in aux.values()), l_task).backward()
         optim.step()
     per_step = (time.perf_counter() - t0) / min(steps, len(keys))
     if val_rows:

@@ -10,6 +10,11 @@ Two views of one forward pass:
 
 The model is loaded from the wheel's package directory with transformers (offline,
 no hub call); texts of one chunk are encoded together in batches for speed.
+
+Input guards: at most `byte_budget(summary_max_tokens)` bytes of a transcript are
+read (a longer file keeps the clip present, flagged `truncated_text` in its extras,
+the failure report and the table's `meta["notes"]`); a text that yields no real
+token (only characters the tokenizer drops, e.g. NUL bytes) is `empty_text`.
 """
 from __future__ import annotations
 

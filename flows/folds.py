@@ -89,14 +89,16 @@ def run_folds(folds: list[int], out_dir: str | Path, params_path: str | Path = "
     The stages run through the same `run_stage` entry as `imer <stage>`, each with a
     params copy whose only change is `splits.strategy: loso` and `splits.fold: k`.
     """
-    from flows.cli import run_named_stage
+    from flows.stages import run_named_stage
     from pipeline.core.params import load_all_params
 
     out_dir = Path(out_dir)
     base = load_all_params(params_path)  # overlays (comma-separated) merge here
     metrics_path = Path(base.get("evaluate", {}).get("metrics", "reports/metrics.json"))
     files = []
-    for fold in folds:
+    from tqdm import tqdm
+
+    for fold in tqdm(folds, desc="LOSO folds", unit="fold", disable=None):  # a bar on a terminal
         params = json.loads(json.dumps(base))
         params.setdefault("splits", {}).update({"strategy": "loso", "fold": int(fold)})
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
@@ -117,7 +119,7 @@ def run_folds(folds: list[int], out_dir: str | Path, params_path: str | Path = "
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.folds", description=__doc__,
+    parser = argparse.ArgumentParser(prog="imer folds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     agg = sub.add_parser("aggregate", help="mean/std over per-fold metrics.json files")

@@ -52,6 +52,12 @@ def repro(dvc_args: Sequence[str] = (), root: str | Path = ".", command: Sequenc
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`imer repro [dvc repro options]`."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    return repro(args)
+    """`imer repro [dvc repro options]`: `--help` is answered here, before any server starts."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="imer repro", allow_abbrev=False, usage="imer repro [-h] [dvc repro options and targets]",
+        description=__doc__.splitlines()[0],
+        epilog="Every other option and target is passed to `dvc repro` unchanged (see `dvc repro --help`).")
+    _, dvc_args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return repro(dvc_args)

@@ -228,7 +228,9 @@ def start_specs(run_dir: Path, specs: list[ServerSpec], timeout_s: float = 90.0,
 
 
 def _port_free(port: int) -> bool:
+    """True when nothing listens on HOST:port (SO_REUSEADDR: a just-stopped server's TIME_WAIT is no listener)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:

@@ -23,6 +23,7 @@ STAGE_MODULES: dict[str, str] = {
     "evaluate": "pipeline.evaluate",
     "register": "pipeline.register",
     "adapt": "pipeline.adapt",
+    "report": "pipeline.report",
 }
 
 
@@ -31,3 +32,11 @@ def stage_module(name: str) -> ModuleType:
     if name not in STAGE_MODULES:
         raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGE_MODULES)}")
     return importlib.import_module(STAGE_MODULES[name])
+
+
+def run_named_stage(name: str, params_path: str = "params.yaml") -> dict:
+    """Run stage `name` with its own params section, without Prefect (the bare stage function)."""
+    from pipeline.core.params import load_params
+
+    module = stage_module(name)
+    return module.run_stage(load_params(module.SECTION, params_path))

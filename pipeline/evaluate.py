@@ -11,6 +11,7 @@ train split) and is counted in `n_empty`. Random masks come from
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -198,36 +199,56 @@ def log_to_mlflow(result: dict[str, Any], run_id: str, tracking_uri: str, model_
     return info.model_uri
 
 
+@dataclass
+class EvaluateConfig:
+    model: str = "models/model.pt"
+    train_summary: str = "models/train_summary.json"  # MLflow run id (+ tracking URI) of the training run
+    manifest: str = "data/manifest.parquet"
+    features_dir: str = "data/features"
+    splits_dir: str = "data/splits"  # random_masks.parquet: stored test masks, never re-drawn
+    batch_size: int = 256
+    num_threads: int = 1  # torch intra-op threads; 0 = torch default (tiny matmuls on shared cores prefer 1)
+    metrics: str = "reports/metrics.json"
+    plots_dir: str = "reports/plots"
+    log_mlflow: bool = True  # test metrics, plots and the pyfunc model go into the training run
+    tracking_uri: str | None = None  # None = the training run's URI from train_summary.json
+
+
 def run_stage(params: dict[str, Any]) -> dict[str, Any]:
     """Load data (all splits aligned), evaluate once, write reports, log into the training run."""
-    if int(params.get("num_threads", 1)) > 0:  # 0 = torch default; tiny matmuls on shared cores prefer 1
-        torch.set_num_threads(int(params.get("num_threads", 1)))
+    from pipeline.core.params import build_config
     from pipeline.tracking.lineage import matching_train_summary
 
-    model_path = params.get("model", "models/model.pt")
-    summary_path = Path(params.get("train_summary", "models/train_summary.json"))
+    cfg: EvaluateConfig = build_config(EvaluateConfig, dict(params), SECTION)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
     # before any work: model.pt and train_summary.json must name the same MLflow run (issue 13)
-    train = matching_train_summary(model_path, summary_path) if params.get("log_mlflow", True) else None
-    splits_dir = params.get("splits_dir", "data/splits")
-    data = MultimodalData.load(params.get("manifest", "data/manifest.parquet"),
-                               params.get("features_dir", "data/features"), splits_dir)
-    result = evaluate_model(model_path, data, splits_dir, batch_size=int(params.get("batch_size", 256)))
-    metrics_path = Path(params.get("metrics", "reports/metrics.json"))
-    pngs = write_reports(result, metrics_path, params.get("plots_dir", "reports/plots"))
+    train = matching_train_summary(cfg.model, Path(cfg.train_summary)) if cfg.log_mlflow else None
+    data = MultimodalData.load(cfg.manifest, cfg.features_dir, cfg.splits_dir)
+    result = evaluate_model(cfg.model, data, cfg.splits_dir, batch_size=cfg.batch_size)
+    metrics_path = Path(cfg.metrics)
+    pngs = write_reports(result, metrics_path, cfg.plots_dir)
     summary: dict[str, Any] = {"metrics": str(metrics_path),
                                "test_fixed_mean": result["metrics"]["test"]["fixed"]["mean"],
                                "test_natural": result["metrics"]["test"]["natural"]}
     if train is not None:
-        uri = params.get("tracking_uri") or train.get("mlflow_tracking_uri") or "sqlite:///mlflow.db"
-        summary["model_uri"] = log_to_mlflow(result, train["mlflow_run_id"], uri, model_path,
-                                             [*pngs, metrics_path])
+        uri = cfg.tracking_uri or train.get("mlflow_tracking_uri") or "sqlite:///mlflow.db"
+        summary["model_uri"] = log_to_mlflow(result, train["mlflow_run_id"], uri, cfg.model, [*pngs, metrics_path])
     return summary
 
 
 def main() -> None:
-    from pipeline.core.params import load_params
+    import sys
 
-    print(json.dumps(run_stage(load_params(SECTION)), indent=2, default=str))
+    from pipeline.core.params import load_params
+    from pipeline.tracking.lineage import LineageError
+
+    try:
+        out = run_stage(load_params(SECTION))
+    except LineageError as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(out, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ score by recognising a speaker it trained on.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,13 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
 
 from pipeline.core.atomic import write_json
 from pipeline.core.modalities import MANIFEST_OF_TABLE
 from pipeline.formats.feature_table import FeatureTable, read_feature_table
 from pipeline.formats.manifest import read_manifest
-from pipeline.core.params import load_params
+from pipeline.core.params import build_config, load_params
 
 SECTION = "feature_report"
 TABLES = MANIFEST_OF_TABLE  # table name -> manifest modality
@@ -96,13 +98,17 @@ def feature_report(manifest_path: Path, features_dir: Path, folds: int = 5, seed
         y = np.array(rows["score"], dtype=float)
     groups = np.array(rows["session"])
     report: dict[str, Any] = {"clips": len(uids), "task": task, "modalities": {}, "probe": {}}
+    bar = tqdm(total=len(tables) + 1, desc="feature probes", unit="probe", disable=None)  # bar on a terminal
     for name, table in tables.items():
         report["modalities"][name] = table_summary(table)
         keep = table.present
         report["probe"][name] = probe_score(np.asarray(table.summary)[keep], y[keep], groups[keep], task, folds, seed)
+        bar.update()
     all_present = np.logical_and.reduce([t.present for t in tables.values()])
     stacked = np.concatenate([np.asarray(t.summary)[all_present] for t in tables.values()], axis=1)
     report["probe"]["all"] = probe_score(stacked, y[all_present], groups[all_present], task, folds, seed)
+    bar.update()
+    bar.close()
     report["probe"]["metric"] = "accuracy" if task == "classification" else "pearson_r"
     report["probe"]["chance"] = float(np.max(np.bincount(y)) / len(y)) if task == "classification" else 0.0
     check = breakage_check(rows, tables)
@@ -111,9 +117,19 @@ def feature_report(manifest_path: Path, features_dir: Path, folds: int = 5, seed
     return report
 
 
+@dataclass
+class FeatureReportConfig:
+    manifest: str = "data/manifest.parquet"
+    features_dir: str = "data/features"
+    out: str = "reports/features.json"
+    probe_seed: int = 0
+    probe_folds: int = 5  # session-held-out folds (speaker-independent)
+
+
 def run_stage(params: dict[str, Any]) -> dict[str, Any]:
-    report = feature_report(Path(params.get("manifest", "data/manifest.parquet")), Path(params.get("features_dir", "data/features")), folds=int(params.get("probe_folds", 5)), seed=int(params.get("probe_seed", 0)))
-    write_json(params.get("out", "reports/features.json"), report)
+    cfg: FeatureReportConfig = build_config(FeatureReportConfig, dict(params), SECTION)
+    report = feature_report(Path(cfg.manifest), Path(cfg.features_dir), folds=cfg.probe_folds, seed=cfg.probe_seed)
+    write_json(cfg.out, report)
     return {name: round(p["mean"], 3) for name, p in report["probe"].items() if isinstance(p, dict)}
 
 

@@ -12,6 +12,7 @@ listed (made absolute or project-relative), never the target of a symlink.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class IngestReport:
     utterances: int
     rejected: list[RowProblem] = field(default_factory=list)
     missing: dict[str, int] = field(default_factory=dict)
+    missing_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # modality -> reason -> rows
     classes: list[str] = field(default_factory=list)
 
 
@@ -138,7 +140,8 @@ def ingest(listing_path: Path, out_path: Path, task: str = "classification", cla
     if rows and absent:
         raise ValueError(f"{listing_path}: missing required column(s) {absent}; see README 'Bring your own corpus'")
     if not rows:
-        raise ValueError(f"{listing_path}: listing has no rows")
+        ragged = "".join(f"\n  {p}" for p in listing.ragged[:MAX_LISTED_ERRORS])
+        raise ValueError(f"{listing_path}: listing has no readable rows{ragged}")
 
     problems: list[RowProblem] = list(listing.ragged)
     kept: list[dict[str, Any]] = []
@@ -167,7 +170,8 @@ def ingest(listing_path: Path, out_path: Path, task: str = "classification", cla
     meta = manifest_meta(task, found_classes, source=str(listing_path))
     write_manifest(table, out_path, meta)
     missing = {m: sum(1 for r in kept if r[f"{m}_missing"]) for m in MODALITIES}
-    return IngestReport(utterances=len(kept), rejected=problems, missing=missing, classes=found_classes)
+    reasons = {m: dict(sorted(Counter(r[f"{m}_missing"] for r in kept if r[f"{m}_missing"]).items())) for m in MODALITIES}
+    return IngestReport(utterances=len(kept), rejected=problems, missing=missing, missing_reasons=reasons, classes=found_classes)
 
 
 def _data_row(index: int, line: int | None, listing: Listing) -> int:
@@ -235,7 +239,10 @@ def run_stage(params: dict[str, Any]) -> dict[str, Any]:
     """Resolve params, ingest, and record rejected rows beside the manifest."""
     out = Path(params.get("out", "data/manifest.parquet"))
     report = ingest(Path(params["listing"]), out, task=params.get("task", "classification"), classes=params.get("classes"), on_bad_row=params.get("on_bad_row", "error"))
-    write_json(out.with_suffix(".report.json"), {"utterances": report.utterances, "missing_before_extraction": report.missing, "classes": report.classes, "rejected_rows": [str(p) for p in report.rejected]})
+    write_json(out.with_suffix(".report.json"), {
+        "utterances": report.utterances, "missing_before_extraction": report.missing, "missing_reasons": report.missing_reasons,
+        "classes": report.classes, "rejected_rows": [str(p) for p in report.rejected],
+    })
     return {"utterances": report.utterances, "missing": report.missing, "rejected": len(report.rejected)}
 
 

@@ -45,7 +45,7 @@ def write_gcnet_iemocap(root: str | Path, seed: int = 0, sessions: int = 3, dial
         d.mkdir(parents=True, exist_ok=True)
     exp.steps = {m: {} for m in IEMOCAP_DIMS}
     exp.reason = {m: {} for m in IEMOCAP_DIMS}
-    names = ["neutral", "happy", "sad", "angry", "excited", "frustrated"][:classes]
+    names = ["happy", "sad", "neutral", "angry", "excited", "frustrated"][:classes]  # the pickles' integer order
     video_ids: dict[str, list[str]] = {}
     video_labels: dict[str, list[int]] = {}
     video_speakers: dict[str, list[str]] = {}

@@ -173,3 +173,20 @@ def test_accepted_model_is_registered_under_its_own_name_and_source_aliases_stay
     run = client.get_run(report["mlflow_run_id"])
     assert run.data.tags["imer.stage"] == "adapt" and run.data.tags["imer.training_run_id"] == tracking.run_id
     assert "shifted_test/wa/natural/delta" in run.data.metrics
+
+
+def test_regression_keeps_the_lowest_instability_share_and_gates_on_spread(tmp_path):
+    from pipeline.methods import MCULoRANet, ModelConfig, save_model
+
+    manifest, features = make_feature_dataset(tmp_path / "d", n=100, seed=4, task="regression", shifted=48)
+    build_splits(manifest, features, tmp_path / "splits", {"seed": 1})
+    data = MultimodalData.load(manifest, features, tmp_path / "splits", include=("train",))
+    torch.manual_seed(0)
+    net = MCULoRANet(ModelConfig(input_dims=data.input_dims, seq_lens=data.seq_lens, task="regression", n_outputs=1,
+                                 d_model=16, n_heads=2, d_fusion=16))
+    (tmp_path / "models").mkdir()
+    save_model(tmp_path / "models" / "model.pt", net.eval(), {"prior": [0.0], "classes": []})
+    report = run_adaptation(_cfg(tmp_path, manifest, features, tmp_path / "out", splits_dir=str(tmp_path / "splits")))
+    assert report["status"] in ("accepted", "rejected")
+    assert report["pseudo"]["kept"] == round(0.25 * report["n_pool"])
+    assert "std_ratio" in report["gate"]["checks"] and "acc2" in report["shifted_test"]["natural"]["delta"]

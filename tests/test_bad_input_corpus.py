@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from features.runner import run_extraction
@@ -59,6 +60,7 @@ def _extra_bad(root: Path) -> dict[str, dict[str, tuple[Path, str | None]]]:
     return out
 
 
+@pytest.mark.slow  # ~15 s: three real extractions over 35 hostile rows
 def test_bad_input_corpus_never_crashes_a_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # manifest paths are project-relative, as in a real run
     rows = good_clips(tmp_path / "good", 4)

@@ -11,7 +11,7 @@ import torch
 from pipeline.core.modalities import COMBINATIONS, MASKS
 from pipeline.methods import MCULoRANet, orthogonality_loss, task_loss
 from pipeline.training.cggm import CGGM, MIXED
-from pipeline.training.cggm_signal import CGGMConfig, ProgressSignal, coefficients
+from pipeline.training.cggm_parts import CGGMConfig, ProgressSignal, coefficients
 from tests.test_network import make_batch, tiny_config
 
 NEUTRAL = dict(rho=1.0, lambda_gm=0.0, min_sum=math.inf)  # B = 1 always, no direction term
@@ -36,7 +36,7 @@ def forward_loss(model, batch, cggm: CGGM | None = None) -> tuple[torch.Tensor, 
     out = model(batch["features"], batch["lengths"], batch["mask"], batch["combination"])
     loss = task_loss(out.prediction, batch["target"], "classification") + 0.1 * orthogonality_loss(
         out.r_spec, out.r_com, out.modality_mask)
-    terms = {} if cggm is None else cggm.loss_terms(out, batch)
+    terms = {} if cggm is None else cggm.loss_terms(None, out, batch)
     for w, v in terms.values():
         loss = loss + w * v
     return loss, terms
@@ -60,7 +60,7 @@ def test_neutral_settings_equal_baseline_bit_for_bit(apply):
     mod = copy.deepcopy(base)
     cggm = CGGM.for_model(CGGMConfig(enabled=True, apply=apply, **NEUTRAL), mod)
     opt_base = torch.optim.AdamW([p for p in base.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-2)
-    opt_mod = torch.optim.AdamW(cggm.param_groups(mod, 1e-3, 1e-2))
+    opt_mod = torch.optim.AdamW(cggm.groups(mod, 1e-3, 1e-2))
     for step, comb in enumerate([6, 3, 0, 5, torch.tensor([0, 3, 6, 6, 4, 5])]):
         batch = batch_for(comb, seed=step)
         for model, opt, c in ((base, opt_base, None), (mod, opt_mod, cggm)):
@@ -79,7 +79,7 @@ def test_single_modality_batches_are_unmodulated():
     base = net()
     mod = copy.deepcopy(base)
     cggm = CGGM.for_model(CGGMConfig(enabled=True, rho=1.3, lambda_gm=0.2, signal="batch"), mod)
-    opt = torch.optim.AdamW(cggm.param_groups(mod, 1e-3, 1e-2))
+    opt = torch.optim.AdamW(cggm.groups(mod, 1e-3, 1e-2))
     for step, comb in enumerate([0, 1, 2, 1, 0]):
         batch = batch_for(comb, seed=step)
         for model in (base, mod):
@@ -134,7 +134,7 @@ def test_classifiers_send_no_gradient_into_the_network():
     for comb in (6, torch.tensor([0, 3, 6, 6, 4, 5])):
         model.zero_grad(set_to_none=True), cggm.zero_grad(set_to_none=True)
         out = model(*(batch_for(comb)[k] for k in ("features", "lengths", "mask", "combination")))
-        terms = cggm.loss_terms(out, batch_for(comb))
+        terms = cggm.loss_terms(None, out, batch_for(comb))
         terms["cggm_cls"][1].backward()
         assert all(p.grad is None for p in model.parameters())
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cggm.classifiers.parameters())
@@ -146,7 +146,7 @@ def test_direction_term_reaches_the_encoders(direction):
     cggm = CGGM.for_model(CGGMConfig(enabled=True, direction=direction, min_sum=math.inf), model)
     batch = batch_for(3)  # "at"
     out = model(batch["features"], batch["lengths"], batch["mask"], batch["combination"])
-    terms = cggm.loss_terms(out, batch)
+    terms = cggm.loss_terms(None, out, batch)
     assert set(terms) == {"cggm_cls", "cggm_gm"}
     terms["cggm_gm"][1].backward()
     for m in "at":
@@ -161,7 +161,7 @@ def test_direction_term_reaches_the_encoders(direction):
 def test_factors_scale_lr_or_gradients_and_restore(apply):
     model = net()
     cggm = CGGM.for_model(CGGMConfig(enabled=True, apply=apply, signal="batch", rho=1.0), model)
-    opt = torch.optim.AdamW(cggm.param_groups(model, 1e-3, 0.0))
+    opt = torch.optim.AdamW(cggm.groups(model, 1e-3, 0.0))
     cggm._pending = ("at", {"a": 0.5, "t": 1.5})  # as loss_terms would set them
     forward_loss(model, batch_for(3))[0].backward()
     before = grads(model)
@@ -198,9 +198,12 @@ def test_mixed_batches_balance_over_present_modalities():
 
 def test_epoch_monitor_and_warmup():
     model = net()
-    cggm = CGGM.for_model(CGGMConfig(enabled=True, signal="epoch_monitor", warmup_epochs=1), model)
     monitor = batch_for(6, B=8, seed=3)
     monitor = {**monitor, "mask": monitor["natural"], "lengths": monitor["lengths_natural"], "combination": None}
+    with pytest.raises(ValueError, match="monitoring batch"):
+        CGGM.for_model(CGGMConfig(signal="epoch_monitor"), model)
+    cggm = CGGM.for_model(CGGMConfig(enabled=True, signal="epoch_monitor", warmup_epochs=1), model,
+                          monitor_batch=monitor)
     cggm.on_epoch_start(0)
     _, terms = forward_loss(model, batch_for(6), cggm)
     assert set(terms) == {"cggm_cls"} and set(cggm._pending[1].values()) == {1.0}  # warm-up
@@ -247,7 +250,7 @@ def test_regression_task_neutral_and_direction():
     def loss_of(model, c):
         out = model(batch["features"], batch["lengths"], batch["mask"], 6)
         loss = task_loss(out.prediction, batch["target"], "regression")
-        return loss + sum(w * v for w, v in (c.loss_terms(out, batch).values() if c else []))
+        return loss + sum(w * v for w, v in (c.loss_terms(None, out, batch).values() if c else []))
 
     loss_of(base, None).backward()
     loss_of(mod, cggm).backward()
@@ -255,14 +258,83 @@ def test_regression_task_neutral_and_direction():
     gm = CGGM.for_model(CGGMConfig(enabled=True, min_sum=math.inf), base)
     base.zero_grad(set_to_none=True)
     out = base(batch["features"], batch["lengths"], batch["mask"], 6)
-    gm.loss_terms(out, batch)["cggm_gm"][1].backward()
+    gm.loss_terms(None, out, batch)["cggm_gm"][1].backward()
     assert all(any(p.grad is not None and p.grad.abs().sum() > 0 for p in base.encoders[m].parameters())
                for m in "atv")
 
 
 def test_coefficient_csv():
-    from pipeline.training.cggm_signal import coefficient_csv
+    from pipeline.training.cggm_parts import coefficient_csv
 
     history = [{"epoch": 0, "stage": "main", "cggm/b_mean_a/at": 0.5, "cggm/b_mean_t/at": 1.5},
                {"epoch": 1, "stage": "main", "cggm/b_mean_a/at": 0.75}]
     assert coefficient_csv(history).splitlines() == ["epoch,stage,at_a,at_t", "0,main,0.5,1.5", "1,main,0.75,"]
+
+
+def test_deterministic_steps():
+    def run() -> tuple[list[torch.Tensor], dict]:
+        model = net()
+        cggm = CGGM.for_model(CGGMConfig(enabled=True, min_sum=0.0), model)
+        opt = torch.optim.AdamW(cggm.groups(model, 1e-2, 1e-2))
+        for step, comb in enumerate([6, 3, 6, 4, 5, 6]):
+            opt.zero_grad(set_to_none=True)
+            forward_loss(model, batch_for(comb, seed=step % 2), cggm)[0].backward()
+            cggm.before_optimizer_step(opt)
+            opt.step()
+            cggm.after_optimizer_step()
+        return [p.detach().clone() for p in model.parameters()], cggm.epoch_metrics()
+
+    (pa, ma), (pb, mb) = run(), run()
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert ma.keys() == mb.keys() and all(ma[k] == mb[k] or (math.isnan(ma[k]) and math.isnan(mb[k])) for k in ma)
+    assert ma["cggm/guarded/atv"] < 1.0  # the coefficient did move (not the neutral path)
+
+
+def test_params_yaml_shows_the_defaults():
+    from pipeline.core.params import load_params
+
+    assert CGGMConfig.from_dict(load_params("train")["cggm"]) == CGGMConfig()
+
+
+# ---------------------------------------------------------------- end to end through the trainer
+E2E = {"seed": 3, "max_epochs": 2, "patience": 2, "batch_size": 16, "lr": 3e-3,
+       "model": {"d_model": 16, "d_fusion": 32, "n_heads": 2}, "dpft": {"monitor_size": 32}}
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from pipeline.splits import build_splits
+    from tests.factories import make_feature_dataset
+
+    root = tmp_path_factory.mktemp("cggm")
+    manifest, features = make_feature_dataset(root, n=96, missing_share=0.15, seed=4)
+    build_splits(manifest, features, root / "splits", {"seed": 1})
+    return manifest, features, root / "splits"
+
+
+@pytest.mark.parametrize("train, options", [
+    ({}, {}),
+    ({}, {"signal": "epoch_monitor", "apply": "grad", "direction": "weight_grad"}),
+    ({"variant": "plain"}, {"signal": "batch"}),  # mixed batches (modality dropout): key "mixed"
+])
+def test_training_with_cggm_keeps_the_saved_keys(small_data, tmp_path, train, options):
+    import json
+
+    from pipeline.methods import load_model
+    from pipeline.train import train_model
+    from pipeline.training.data import MultimodalData
+
+    data = MultimodalData.load(*small_data, include=("train", "val"))
+    train_model(data, {**E2E, **train}, tmp_path / "base")
+    train_model(data, {**E2E, **train, "cggm": {"enabled": True, **options}}, tmp_path / "cggm")
+    base, _ = load_model(tmp_path / "base" / "models" / "model.pt")
+    mod, _ = load_model(tmp_path / "cggm" / "models" / "model.pt")
+    assert list(base.state_dict()) == list(mod.state_dict())
+    assert any(not torch.equal(x, y) for x, y in zip(base.state_dict().values(), mod.state_dict().values()))
+    history = json.loads((tmp_path / "cggm" / "reports" / "train_history.json").read_text())
+    assert len(history) == 2 and all(h["cggm/modulated/all"] > 0 for h in history)
+    assert all("train/cggm_cls" in h and "train/cggm_gm" in h for h in history)
+    csv = (tmp_path / "cggm" / "reports" / "plots" / "cggm_coeff.csv").read_text().splitlines()
+    assert csv[0].startswith("epoch,stage,mixed_a" if train else "epoch,stage,at_a,at_t") and len(csv) == 3
+    base_csv = (tmp_path / "base" / "reports" / "plots" / "cggm_coeff.csv").read_text().splitlines()
+    assert base_csv == ["epoch,stage"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import cv2
@@ -10,9 +11,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+import yaml
 
 from pipeline.corpus import CorpusConfig, generate_corpus
+from pipeline.core.params import load_params
 from pipeline.corpus.breakage import CODES, wav_data_sizes
+from pipeline.corpus.profiles import KNOBS, PROFILES
 from tests.corpus_factory import make_tiny_corpus, tiny_config
 
 CASCADE = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
@@ -179,3 +183,58 @@ def test_config_rejects_unknown_keys_and_bad_values() -> None:
         CorpusConfig.from_dict({"typo_key": 1})
     with pytest.raises(ValueError, match="breakage_share"):
         CorpusConfig.from_dict({"breakage_share": 1.5})
+
+
+# --- profiles -------------------------------------------------------------------------------
+# sha256 over the per-file sha256 of the media files and the listing of
+# make_tiny_corpus(n=8, seed=5, breakage_share=0.25), computed with the generator before
+# profiles existed: the balanced profile must keep every byte.
+BALANCED_TINY_DIGEST = "0d8fd02e6997cd11623d1bbb0ec76aaeb8bd8b61915eee1074c76179b6b7e7f2"
+
+
+def _media_digest(folder: Path) -> str:
+    files = {k: v for k, v in _digest(folder).items() if k.startswith(("audio/", "video/", "text/")) or k == "listing.parquet"}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def test_balanced_profile_keeps_the_bytes(tmp_path: Path) -> None:
+    make_tiny_corpus(tmp_path / "b", n=8, seed=5, breakage_share=0.25, profile="balanced")
+    assert _media_digest(tmp_path / "b") == BALANCED_TINY_DIGEST
+    recorded = json.loads((tmp_path / "b" / "corpus.json").read_text())
+    assert recorded["config"]["profile"] == "balanced" and recorded["profile_overrides"] == {}
+
+
+def test_realistic_profile_changes_the_media(tmp_path: Path) -> None:
+    make_tiny_corpus(tmp_path / "r", n=8, seed=5, breakage_share=0.25, profile="realistic")
+    assert _media_digest(tmp_path / "r") != BALANCED_TINY_DIGEST
+    old, new = _digest(tmp_path / "r"), json.loads((tmp_path / "r" / "corpus.json").read_text())
+    assert any(k.startswith("text/") for k in old)  # same plan (ids), other renderings
+    assert new["config"]["text_cue_share"] == PROFILES["realistic"]["text_cue_share"]
+
+
+def test_profile_supplies_null_knobs_and_explicit_values_win() -> None:
+    real = CorpusConfig.from_dict({"profile": "realistic", "video_noise_std": None, "face_jitter": 0.2})
+    for knob in KNOBS:
+        expected = 0.2 if knob == "face_jitter" else PROFILES["realistic"][knob]
+        assert getattr(real, knob) == expected, knob
+    assert real.overrides() == {"face_jitter": 0.2}
+    assert CorpusConfig.from_dict(real.to_dict()) == real  # workers rebuild the same config
+    assert CorpusConfig() == CorpusConfig(profile="balanced", **PROFILES["balanced"])
+    assert CorpusConfig(profile="realistic", utterances=50).utterances == 50  # other knobs compose
+    with pytest.raises(ValueError, match="corpus.profile"):
+        CorpusConfig.from_dict({"profile": "exotic"})
+
+
+def test_params_yaml_leaves_profile_knobs_null_and_shows_their_values() -> None:
+    """params.yaml: each knob is null (the profile decides) with a `balanced | realistic` comment that is true."""
+    lines = Path("params.yaml").read_text().splitlines()
+    section = load_params("corpus")
+    assert section["profile"] in PROFILES
+    for knob in KNOBS:
+        assert section.get(knob) is None, f"{knob} is set in params.yaml: it would hide the profile's value"
+        line = next(l for l in lines if l.strip().startswith(f"{knob}:"))
+        shown = [yaml.safe_load(part.strip().split("  ")[0]) for part in line.split("#", 1)[1].split("|")]
+        for name, value in zip(("balanced", "realistic"), shown):
+            want = PROFILES[name][knob]
+            assert (list(map(float, value)) if isinstance(value, list) else float(value)) == (
+                list(map(float, want)) if isinstance(want, tuple) else float(want)), (knob, name)

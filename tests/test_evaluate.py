@@ -213,10 +213,12 @@ def test_run_stage_writes_reports_and_register_promotes(tmp_path, store):
     manifest, features, splits, data = _setup(tmp_path, n=100)
     uri, client, exp = store
     run_id = client.create_run(exp, tags={"imer.splits_hash": "s123"}).info.run_id
+    save_model(tmp_path / "model.pt", _tiny_model(data), {"mlflow_run_id": run_id})  # the run the summary names
     (tmp_path / "train_summary.json").write_text(json.dumps(
         {"mlflow_run_id": run_id, "mlflow_tracking_uri": uri, "selection_metric": "wa", "best_epoch": 3}))
-    common = {"train_summary": str(tmp_path / "train_summary.json"), "metrics": str(tmp_path / "reports/metrics.json")}
-    summary = run_stage({**common, "model": str(tmp_path / "model.pt"), "manifest": str(manifest),
+    common = {"train_summary": str(tmp_path / "train_summary.json"), "metrics": str(tmp_path / "reports/metrics.json"),
+              "model": str(tmp_path / "model.pt")}
+    summary = run_stage({**common, "manifest": str(manifest),
                          "features_dir": str(features), "splits_dir": str(splits),
                          "plots_dir": str(tmp_path / "reports/plots")})
     written = json.loads((tmp_path / "reports/metrics.json").read_text())
@@ -237,3 +239,30 @@ def test_run_stage_writes_reports_and_register_promotes(tmp_path, store):
     assert float(mv.tags["val_score"]) == pytest.approx(written["val"]["fixed"]["mean"]["wa"])
     assert mv.tags["imer.splits_hash"] == "s123"
     assert json.loads(mv.tags["val_scores"]).keys() == set(COMBINATIONS)
+
+
+def test_validation_evaluation_and_serving_give_identical_predictions(evaluated, tmp_path):
+    """The routing rule is one function: the three callers agree bit for bit on the same rows."""
+    from pipeline.tracking.pyfunc import frame_from_arrays, predict_frame
+    from pipeline.training.data import train_prior
+    from pipeline.training.lit_module import MethodModule
+    from pipeline.training.loop import _trainer, _val_loader
+
+    root, data, result, _ = evaluated
+    model, _ = load_model(root / "model.pt")
+    val = data.subset("val")
+    module = MethodModule(model, prior=train_prior(data))
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        for batch in _val_loader(val, 16):
+            module.validation_step(batch, 0)
+    for c in COMBINATIONS:  # validation (checkpoint selection) == evaluation, per fixed combination
+        np.testing.assert_array_equal(np.concatenate(module._val[c]["out"]), result["predictions"]["val"][("fixed", c)])
+    batch = val.batch(np.arange(len(val)))
+    frame = frame_from_arrays({m: x.numpy() for m, x in batch["features"].items()},
+                              {m: x.numpy() for m, x in batch["lengths_natural"].items()}, batch["natural"].numpy())
+    served = predict_frame(model, frame, {"task": "classification", "classes": data.classes,
+                                          "prior": train_prior(data)})
+    probs = served[[f"prob_{c}" for c in data.classes]].to_numpy()
+    np.testing.assert_allclose(probs, result["predictions"]["val"][("natural", "natural")], rtol=0, atol=1e-6)
+    assert (served["combination"] != "none").all() or (result["metrics"]["val"]["natural"]["n_empty"] > 0)

@@ -54,6 +54,7 @@ def test_sigkill_of_the_stage_takes_its_worker_pool_down(tmp_path):
     cache = tmp_path / "data" / "cache" / "acoustic"
     stage = subprocess.Popen(CMD, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     parent = psutil.Process(stage.pid)
+    descendants: list[psutil.Process] = []
     try:
         # mid-run: the pool is up (fork server + 2 workers) and clips are being written to the cache
         assert _wait(lambda: len(parent.children(recursive=True)) >= 3 and any(cache.rglob("*.npz")), 120), "pool never started"
@@ -64,9 +65,12 @@ def test_sigkill_of_the_stage_takes_its_worker_pool_down(tmp_path):
         survivors = [(p.pid, " ".join(p.cmdline())[:80]) for p in _alive(descendants)]
         assert gone, f"descendants alive 5 s after kill -9 of the stage: {survivors}"
         assert len(list(cache.rglob("*.npz"))) < 40  # it really was killed mid-run
-    finally:
-        for p in _alive(parent.children(recursive=True) if parent.is_running() else []):
+    finally:  # never leave a pool behind, even when the assertion above failed
+        for p in _alive(descendants + (parent.children(recursive=True) if _alive([parent]) else [])):
             p.kill()
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait()
         stage.stdout.close()
 
 

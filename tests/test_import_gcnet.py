@@ -56,7 +56,7 @@ def test_iemocap_round_trip(tmp_path):
         assert row["audio_path"] is None and row["video_path"] is None
         for m in ("audio", "text", "video"):
             assert row[f"{m}_missing"] == exp.reason[m][uid]
-    assert meta["task"] == "classification" and meta["classes"] == ["neutral", "happy", "sad", "angry"]
+    assert meta["task"] == "classification" and meta["classes"] == ["happy", "sad", "neutral", "angry"]
     _check_features(exp, manifest, tables)
     assert summary["tables"]["acoustic"]["missing"] == {"file_absent": 1}
     assert summary["tables"]["visual"]["missing"] == {"all_zero_features": 1}
@@ -168,3 +168,35 @@ def test_unreadable_npy_is_routed_missing(tmp_path):
     i = manifest.column("utterance_id").to_pylist().index(uid)
     assert tables["audio"].failure_reason[i] == "unreadable_file" and not tables["audio"].present[i]
     assert manifest.column("audio_missing").to_pylist()[i] == "unreadable_file"
+
+
+def _label_pickle(path, counts):
+    """A GCNet IEMOCAP label pickle whose integer labels occur `counts[k]` times (one dialogue per session)."""
+    ids, labels, speakers, sentences = {}, {}, {}, {}
+    ys = [k for k, n in enumerate(counts) for _ in range(n)]
+    per = -(-len(ys) // 5)
+    for s in range(5):
+        vid = f"Ses{s + 1:02d}F_impro01"
+        chunk = ys[s * per:(s + 1) * per]
+        ids[vid] = [f"{vid}_F{j:03d}" for j in range(len(chunk))]
+        labels[vid], speakers[vid], sentences[vid] = chunk, ["F"] * len(chunk), [""] * len(chunk)
+    vids = sorted(ids)
+    path.write_bytes(pickle.dumps([ids, labels, speakers, sentences, set(vids[:4]), {vids[4]}], protocol=2))
+    return path
+
+
+@pytest.mark.parametrize("dataset,counts,published", [
+    # the real GCNet pickles' per-integer counts, and IEMOCAP's published per-class counts
+    ("iemocap4", (1636, 1084, 1708, 1103), {"neutral": 1708, "happy": 1636, "sad": 1084, "angry": 1103}),
+    ("iemocap6", (648, 1084, 1708, 1103, 1041, 1849),
+     {"happy": 648, "sad": 1084, "neutral": 1708, "angry": 1103, "excited": 1041, "frustrated": 1849}),
+])
+def test_default_iemocap_class_order_matches_published_counts(tmp_path, dataset, counts, published):
+    from collections import Counter
+
+    from pipeline.importers.gcnet import read_labels
+
+    path = _label_pickle(tmp_path / "labels.pkl", counts)
+    cfg = ImportConfig(format="gcnet", dataset=dataset, label_path=str(path), feature_dirs={})
+    read = Counter(u.label for u in read_labels(path, dataset, cfg.class_names()))
+    assert dict(read) == published

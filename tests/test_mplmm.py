@@ -3,13 +3,16 @@ stage freezing, checkpoint round trip, parameter-count formulas, type prompts th
 and the eta / complete-rows samplers."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.core.modalities import COMBINATIONS, MASKS, mask_to_index
 from pipeline.methods import MCULoRANet, ModelConfig, load_model, save_model, task_loss
-from pipeline.methods.mplmm import MPLMMNet, resolve_options
+from pipeline.methods.mplmm import MPLMMNet
+from pipeline.methods.mplmm_options import DEFAULTS, resolve_options
 from pipeline.methods.registry import build_network
 from pipeline.training.eta_sampler import CompleteRowsSampler, EtaDropoutSampler
 
@@ -289,8 +292,24 @@ def test_options_are_validated():
     assert resolve_options({})["readout"] == "mean" and resolve_options({"backbone": "mult"})["readout"] == "prompt"
 
 
+def test_params_yaml_shows_the_defaults():
+    from pipeline.core.params import load_params
+
+    assert load_params("train")["mplmm"] == DEFAULTS
+
+
+@pytest.mark.parametrize("readout", ["mean", "prompt"])
+def test_last_layer_equals_the_full_layer_at_the_kept_positions(readout):
+    from pipeline.methods.mplmm import last_layer
+
+    net = tiny_net("imer")
+    layer = net.encoders["t"].layers[-1]
+    x, valid = torch.randn(5, 7, 8), torch.arange(7)[None, :] < torch.tensor([[7], [3], [1], [0], [5]])
+    keep = slice(0, 4) if readout == "mean" else slice(-1, None)
+    torch.testing.assert_close(last_layer(layer, x, valid, keep), layer(x, valid)[:, keep], rtol=1e-5, atol=1e-6)
+
+
 def test_eta_sampler_drops_proper_subsets_at_the_promised_rate():
-    rng = np.random.default_rng(0)
     natural = np.ones((4000, 3), dtype=bool)
     natural[:500, 2] = False  # some "at" rows
     natural[500:600] = [False, True, False]  # text only: nothing to drop
@@ -309,7 +328,6 @@ def test_eta_sampler_drops_proper_subsets_at_the_promised_rate():
     again = EtaDropoutSampler(natural, 64, seed=1, eta=0.7)
     assert all((a.mask == b.mask).all() and (a.index == b.index).all()
                for a, b in zip(again.draw_epoch(3), EtaDropoutSampler(natural, 64, 1, eta=0.7).draw_epoch(3)))
-    del rng
 
 
 def test_eta_sampler_respects_formable_combinations_and_complete_rows():
@@ -326,3 +344,51 @@ def test_eta_sampler_respects_formable_combinations_and_complete_rows():
     assert len(np.concatenate([k.index for k in only_tv.draw_epoch(0)])) == 300
     with pytest.raises(ValueError, match="stage1_sampler"):
         CompleteRowsSampler(natural[:100], 32, 0)
+
+
+# ---------------------------------------------------------------------------- end to end (trainer)
+@pytest.fixture(scope="module")
+def split_data(tmp_path_factory):
+    from pipeline.splits import build_splits
+    from tests.factories import make_feature_dataset
+
+    root = tmp_path_factory.mktemp("mplmm")
+    manifest, features = make_feature_dataset(root, n=160, missing_share=0.1, seed=4)
+    build_splits(manifest, features, root / "splits", {"seed": 1})
+    return manifest, features, root / "splits"
+
+
+def train_params(backbone: str, out_dir, **opts) -> dict:
+    return {"seed": 3, "method": "mplmm", "max_epochs": 2, "stage1_epochs": 2, "patience": 2, "batch_size": 32,
+            "lr": 3e-3, "out_dir": str(out_dir), "mlflow": {"enabled": False},
+            "model": {"d_model": 16, "d_fusion": 24, "n_heads": 2},
+            "mplmm": {"backbone": backbone, "prompt_length": 4, "mult": MULT, **opts}}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_training_runs_both_stages_and_reuses_stage1(split_data, tmp_path, backbone):
+    from pipeline.train import train_model
+    from pipeline.training.data import MultimodalData
+
+    data = MultimodalData.load(*split_data, include=("train", "val"))
+    params = train_params(backbone, tmp_path, lambda_gen=0.1)
+    summary = train_model(data, params, tmp_path)
+    assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]
+    assert [s["sampler"] for s in summary["stages"]] == ["complete", "eta"]
+    counts = summary["parameter_counts"]
+    assert counts["stage1"]["trainable"] == counts["stage1"]["backbone"] + counts["stage1"]["input_proj"] \
+        + counts["stage1"]["head"]
+    assert counts["stage2"]["trainable"] == counts["stage2"]["total"] - counts["stage2"]["backbone"]
+    assert set(summary["best_val"]) == set(COMBINATIONS) and summary["best_val_mean"] is not None
+    history = json.loads((tmp_path / "reports" / "train_history.json").read_text())
+    stage2 = [h for h in history if h["stage"] == "stage2"]
+    assert stage2 and all(h["train/l_gen"] > 0 for h in stage2)  # the generation loss reached the trainer
+    assert all(h["train/draws/atv"] == sum(h[f"train/draws/{c}"] for c in COMBINATIONS)
+               for h in history if h["stage"] == "stage1")  # stage 1: complete rows only
+    model, extra = load_model(tmp_path / "models" / "model.pt")
+    assert isinstance(model, MPLMMNet) and model.options["backbone"] == backbone and extra["method"] == "mplmm"
+    # the same run again restores stage 1 from the stage cache and ends with the same weights
+    again = train_model(MultimodalData.load(*split_data, include=("train", "val")), params, tmp_path / "again")
+    assert again["stages"][0]["restored_from"] and not summary["stages"][0]["restored_from"]
+    reloaded, _ = load_model(tmp_path / "again" / "models" / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))

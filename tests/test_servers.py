@@ -70,6 +70,7 @@ def test_second_imer_servers_start_keeps_running_servers(tmp_path, capsys):
 
         stop_server(root / "run", "mlflow")
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as stranger:
+            stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the stopped server's TIME_WAIT
             stranger.bind((HOST, int(ports[3])))
             stranger.listen()
             assert main(["start", "--root", str(root), *ports]) == 1

@@ -116,7 +116,7 @@ def test_register_refuses_torn_files_and_champion_is_untouched(torn, tmp_path, c
 
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    assert imer(["register", "--no-prefect", "--params", str(path)]) == 2
+    assert imer(["register", "--no-prefect", "--params", str(path)]) == 1  # runtime error
     err = capsys.readouterr().err
     assert "imer register: error:" in err and "different training runs" in err and "Traceback" not in err
     assert not (work / "registry.json").exists()

@@ -142,7 +142,7 @@ def adapt_model(source: nn.Module, pool: MultimodalData, cfg: AdaptConfig) -> Ad
             result.pseudo = _select(result.snapshots, model.config.task, cfg)
             kept = rows[result.pseudo.rows]
             target = torch.as_tensor(result.pseudo.target)
-            for epoch in range(1, cfg.pseudo_epochs + 1):
+            for epoch in range(1, cfg.pseudo_epochs + 1 if len(kept) else 1):  # nothing kept: no pseudo step
                 model.train()
                 order = rng.permutation(len(kept))
                 losses = [step(_pseudo_loss(model, pool, kept[idx], target[idx], cfg.pseudo_target))

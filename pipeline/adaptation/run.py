@@ -55,7 +55,9 @@ def run_adaptation(cfg: AdaptConfig) -> dict[str, Any]:
                                    in_domain))
     if len(pool) == 0 or len(test) == 0:
         raise ValueError(f"domain {domain!r}: empty pool ({len(pool)}) or shifted_test ({len(test)})")
+    adapt_start = time.perf_counter()
     result = adapt_model(source, pool, cfg)
+    adapt_time = time.perf_counter() - adapt_start
 
     task, primary = data.task, DEFAULT_SELECTION[data.task]
     prior = [float(x) for x in extra.get("prior") or _uniform(source)]
@@ -95,6 +97,7 @@ def run_adaptation(cfg: AdaptConfig) -> dict[str, Any]:
         report["adapted_model"] = str(model_path)
     artifacts = _write_details(cfg, result, pool, shifted, primary)
     report["wall_time_s"] = time.perf_counter() - start
+    report["adapt_time_s"] = adapt_time
     if cfg.log_mlflow:
         report.update(_track(cfg, report, artifacts, model_path if status == "accepted" else None,
                              serving_info(task, data.classes, prior), pool, result, domain))

@@ -7,7 +7,8 @@ dataset overlay changes only what differs from the defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import fields, is_dataclass
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -51,3 +52,23 @@ def load_params(section: str, path: ParamsPaths = DEFAULT_PARAMS) -> dict[str, A
     return data[section]
 
 
+def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
+    """A typed stage config `cls` (a dataclass owning its defaults) from a params section.
+
+    Unknown keys raise with their dotted name; nested dataclass fields build from nested mappings.
+    """
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"params {where}: unknown key(s) {', '.join(where + '.' + k for k in unknown)}; "
+                         f"known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        default = known[name].default_factory() if callable(known[name].default_factory) else None
+        if is_dataclass(default) and isinstance(value, Mapping):
+            kwargs[name] = build_config(type(default), dict(value), f"{where}.{name}")
+        elif isinstance(default, dict):
+            kwargs[name] = dict(value or {})
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

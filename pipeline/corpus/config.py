@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from pipeline.corpus.profiles import DEFAULT_PROFILE, KNOBS, PROFILES, overrides_of, resolve_knobs
+
 
 @dataclass(frozen=True)
 class CorpusConfig:
@@ -24,20 +26,26 @@ class CorpusConfig:
     shifted_sessions: int = 2
     shifted_utterances: int = 300
     workers: int = 0  # 0 = all cores
-    # informativeness: how much each modality alone can know
-    audio_emotion_strength: float = 0.7  # scales every prosodic shift of the emotion
-    audio_intensity_range: tuple[float, float] = (0.1, 1.0)  # per-clip vocal intensity
-    audio_variability: float = 1.0  # per-clip natural prosody variation (x default spread)
-    snr_db_range: tuple[float, float] = (5.0, 25.0)
-    face_intensity_range: tuple[float, float] = (0.05, 0.8)  # per-clip expression intensity
-    face_jitter: float = 0.3  # per-clip random offsets of brows/mouth (expression units)
-    video_noise_std: float = 6.0  # sensor noise, grey levels
-    text_cue_share: float = 0.45
-    text_misleading_share: float = 0.12
+    # informativeness: how much each modality alone can know. None = the profile's value
+    # (pipeline/corpus/profiles.py); __post_init__ fills them, so a built config is concrete.
+    profile: str = DEFAULT_PROFILE
+    audio_emotion_strength: float | None = None
+    audio_intensity_range: tuple[float, float] | None = None
+    audio_variability: float | None = None
+    snr_db_range: tuple[float, float] | None = None
+    face_intensity_range: tuple[float, float] | None = None
+    face_jitter: float | None = None
+    video_noise_std: float | None = None
+    text_cue_share: float | None = None
+    text_misleading_share: float | None = None
     # the shifted domain's channel
     shifted_snr_db_range: tuple[float, float] = (0.0, 12.0)
     shifted_video_noise_std: float = 14.0
     shifted_light_gain: float = 0.65
+
+    def __post_init__(self) -> None:
+        for knob, value in resolve_knobs(self.profile, {k: getattr(self, k) for k in KNOBS}).items():
+            object.__setattr__(self, knob, value)
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "CorpusConfig":
@@ -48,7 +56,7 @@ class CorpusConfig:
             raise KeyError(f"params.yaml corpus: unknown keys {unknown}")
         values = dict(params)
         for key in ("classes", "audio_intensity_range", "snr_db_range", "face_intensity_range", "shifted_snr_db_range"):
-            if key in values:
+            if values.get(key) is not None:
                 values[key] = tuple(values[key])
         config = cls(**values)
         config.validate()
@@ -63,10 +71,16 @@ class CorpusConfig:
             raise ValueError(f"corpus.breakage_share must be in [0, 1], got {self.breakage_share}")
         if self.text_cue_share < 0 or self.text_misleading_share < 0 or self.text_cue_share + self.text_misleading_share > 1:
             raise ValueError("corpus: text_cue_share + text_misleading_share must lie in [0, 1]")
+        if self.profile not in PROFILES:
+            raise ValueError(f"corpus.profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         if self.video_format not in ("mp4", "avi"):
             raise ValueError(f"corpus.video_format must be 'mp4' or 'avi', got {self.video_format!r}")
         if self.utterances < 1 or self.sessions < 1 or self.speakers_per_session < 1:
             raise ValueError("corpus: utterances, sessions and speakers_per_session must be >= 1")
+
+    def overrides(self) -> dict[str, Any]:
+        """Informativeness knobs set away from the profile's values."""
+        return overrides_of(self.profile, {k: getattr(self, k) for k in KNOBS})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

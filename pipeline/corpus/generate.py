@@ -94,6 +94,8 @@ def generate_corpus(config: CorpusConfig | dict, out_dir: Path, progress: bool =
         "seed": cfg.seed,
         # workers changes no byte of the output, so it stays out of the recorded config
         "config": {k: v for k, v in cfg_dict.items() if k != "workers"},
+        # the informativeness knobs set on top of the profile (the rest are the profile's values)
+        "profile_overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.overrides().items()},
         "counts": _counts(rows),
         "listing": LISTING_NAME,
     }

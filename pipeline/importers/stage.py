@@ -8,6 +8,7 @@ to staging files and moved into place together only when every check passed.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+from tqdm import tqdm
 
 from pipeline.core.modalities import LETTER_OF_MANIFEST, TABLE_OF_MANIFEST
 from pipeline.formats.feature_table import FeatureTableWriter, build_meta
@@ -29,8 +31,11 @@ TABLES = TABLE_OF_MANIFEST  # "audio" -> "acoustic"
 LETTER = LETTER_OF_MANIFEST  # "audio" -> "a"
 DATASETS: dict[str, dict[str, Any]] = {
     # Class order = integer label order of the label pickle; override with import.classes.
-    "iemocap4": {"task": "classification", "classes": ["neutral", "happy", "sad", "angry"]},
-    # The 6-way order of the DialogueRNN/GCNet IEMOCAP pickles (hap, sad, neu, ang, exc, fru).
+    # 4-way: the GCNet/MoMKE pickle's per-integer counts are 1,636 / 1,084 / 1,708 / 1,103, which are
+    # IEMOCAP-4's happy(+excited) / sad / neutral / angry counts: 0..3 = happy, sad, neutral, angry.
+    "iemocap4": {"task": "classification", "classes": ["happy", "sad", "neutral", "angry"]},
+    # 6-way (DialogueRNN/GCNet): per-integer counts 648 / 1,084 / 1,708 / 1,103 / 1,041 / 1,849 are
+    # happy / sad / neutral / angry / excited / frustrated (hap, sad, neu, ang, exc, fru).
     "iemocap6": {"task": "classification", "classes": ["happy", "sad", "neutral", "angry", "excited", "frustrated"]},
     "mosi": {"task": "regression", "classes": None},
     "mosei": {"task": "regression", "classes": None},
@@ -119,6 +124,8 @@ def import_dataset(cfg: ImportConfig, manifest_out: str | Path, features_dir: st
         "dataset": cfg.dataset,
         "task": task,
         "rows": len(rows["utterance_id"]),
+        # per-class counts as read: compare them with the corpus's published counts to catch a wrong mapping
+        "per_class": dict(sorted(Counter(x for x in rows["label"] if x is not None).items())) if classes else None,
         "splits": dict(Counter(s or "none" for s in rows["split"])),
         "rows_all_missing": int(sum(all(tables[m]["reasons"][i] for m in MODALITIES) for i in range(len(rows["utterance_id"])))),
         "manifest": str(manifest_out),
@@ -229,12 +236,14 @@ def _write_table(
     reasons: list[str | None] = []
     truncated = 0
     lengths: list[np.ndarray] = []
-    with FeatureTableWriter(path, TABLES[m], seq_len, dim, dim, meta) as writer:
+    with FeatureTableWriter(path, TABLES[m], seq_len, dim, dim, meta) as writer, \
+            tqdm(total=len(uids), desc=f"import {TABLES[m]}", unit="utt", disable=None) as bar:  # bar on a terminal
         start = 0
         for items, hashes in batches:
             present, why, length, seq, summ, cut = miss.pack_rows(items, seq_len, dim, cfg.nonfinite)
             writer.write_batch(uids[start:start + len(items)], present, why, length, seq, summ, hashes)
             start += len(items)
+            bar.update(len(items))
             reasons.extend(why)
             truncated += cut
             lengths.append(length)
@@ -282,7 +291,13 @@ def _manifest_table(rows: dict[str, list], tables: dict[str, dict]) -> pa.Table:
 def run_stage(params: dict[str, Any]) -> dict[str, Any]:
     """Resolve output paths from params and import; the summary is JSON-able."""
     cfg = ImportConfig.from_params(params)
-    return import_dataset(cfg, params.get("manifest_out", "data/manifest.parquet"), params.get("features_dir", "data/features"))
+    summary = import_dataset(cfg, params.get("manifest_out", "data/manifest.parquet"),
+                             params.get("features_dir", "data/features"))
+    if summary.get("per_class"):
+        print(f"import: per-class counts read from {cfg.label_path if cfg.format == 'gcnet' else cfg.pickle_path}: "
+              f"{summary['per_class']} (class order {cfg.class_names()}; set import.classes if they do not match "
+              f"the corpus's published counts)", file=sys.stderr)
+    return summary
 
 
 def main() -> None:

@@ -71,13 +71,20 @@ class WanderAdapter(nn.Module):
                     self.stand_in[m].fill_(1.0)
 
     def factor(self, m: str, H: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """F_mk for every row: H (N, T, D), valid (N, T) bool -> (N, R, K, D)."""
-        T = H.shape[1]
-        z = F.gelu(self.inp[m](H)) * valid.unsqueeze(-1).to(H.dtype)  # (N, T, r), padding rows 0
-        y = torch.einsum("ntq,rtj->nrjq", z, self.time_u[m][:, :T])  # (N, R, t, r): token map first
-        y = torch.einsum("nrjq,rkj->nrkq", y, self.time_v[m])  # (N, R, K, r) = S^T Z
-        y = y / valid.sum(1).clamp_min(1).to(H.dtype)[:, None, None, None]  # divide by the valid length
-        return torch.einsum("nrkq,rqd->nrkd", y, self.feat[m])  # (N, R, K, D)
+        """F_mk for every row: H (N, T, D), valid (N, T) bool -> (N, R, K, D).
+
+        S_mk = U_mk V_mk^T is formed first (R x T x K, no batch dimension), so the batch sees two
+        matmuls: Z^T S for all k at once, then the per-k feature maps A_mk."""
+        N, T, _ = H.shape
+        w = valid.to(H.dtype) / valid.sum(1, keepdim=True).clamp_min(1).to(H.dtype)  # (N, T): 1/len on valid rows
+        z = F.gelu(self.inp[m](H)) * w.unsqueeze(-1)  # (N, T, r), padding rows 0
+        S = torch.matmul(self.time_u[m][:, :T], self.time_v[m].transpose(1, 2))  # (R, T, K)
+        R, _, K = S.shape
+        r = z.shape[-1]
+        y = z.transpose(1, 2).reshape(N * r, T) @ S.transpose(0, 1).reshape(T, R * K)  # (N r, R K) = S^T Z / len
+        y = y.view(N, r, R, K).permute(2, 0, 3, 1).reshape(R, N * K, r)  # (R, N K, r)
+        f = torch.bmm(y, self.feat[m])  # (R, N K, D)
+        return f.view(R, N, K, -1).transpose(0, 1)  # (N, R, K, D)
 
     def forward(self, states: dict[str, torch.Tensor], valid: dict[str, torch.Tensor],
                 present: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -10,7 +10,6 @@ tokens for `mult`); stage 2 freezes it and trains prompts, generator, input proj
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any
 
@@ -20,58 +19,12 @@ import torch.nn.functional as F
 
 from pipeline.core.modalities import MASKS, MODALITY_ORDER
 from pipeline.methods.config import ModelConfig
-from pipeline.methods.encoders import ModalityEncoder, make_linear, masked_mean
+from pipeline.methods.encoders import EncoderLayer, ModalityEncoder, make_linear, masked_mean
 from pipeline.methods.mcla import Combination, normalise_combination
 from pipeline.methods.mculora import ModelOutput
-from pipeline.methods.mult import DROPOUT_KEYS, MulTBackbone
-from pipeline.methods.prompts import GENERATORS, SIGNAL_PROMPTS, TYPE_PROMPT_INITS, PromptBank
-
-# `train.mplmm` options and their defaults (params.yaml shows the same values with a comment each).
-DEFAULTS: dict[str, Any] = {
-    "backbone": "imer", "prompt_length": 16, "generator": "attention", "gen_tokens": None,
-    "signal_prompts": "positional", "readout": None, "type_prompt_init": "small", "type_prompts": True,
-    "stage1_sampler": "complete", "stage1_epochs": None, "stage1_from": None, "sampler": "eta", "eta": 0.7,
-    "reinit_input_proj": False, "lambda_gen": 0.0, "frozen_dropout": False,
-    "mult": {"d_model": 30, "n_layers": 5, "mem_layers": 5, "n_heads": 5, "causal": False,
-             "dropout": {"attn": 0.1, "relu": 0.1, "res": 0.1, "embed": 0.25, "out": 0.1}},
-}
-CHOICES = {"backbone": ("imer", "mult"), "generator": GENERATORS, "signal_prompts": SIGNAL_PROMPTS,
-           "readout": ("mean", "prompt"), "type_prompt_init": TYPE_PROMPT_INITS,
-           "stage1_sampler": ("complete", "dropout"), "sampler": ("eta", "uniform7", "homogeneous")}
-# train.mplmm.sampler -> pipeline.training.samplers.SAMPLERS key (stage 1's "complete" / "dropout" are keys already)
-STAGE2_SAMPLER_KEY = {"eta": "eta", "uniform7": "dropout", "homogeneous": "homogeneous"}
-
-
-def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Defaults merged with `options` (nested for `mult`), validated; readout null -> the backbone's default."""
-    def merge(base: dict, new: dict, where: str) -> dict:
-        unknown = sorted(set(new) - set(base))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known {sorted(base)}")
-        return {k: merge(v, dict(new[k] or {}), f"{where}.{k}") if isinstance(v, dict) and k in new
-                else new.get(k, v) for k, v in base.items()}
-
-    opts = merge(copy.deepcopy(DEFAULTS), dict(options or {}), "train.mplmm")
-    if opts["readout"] is None:
-        opts["readout"] = "mean" if opts["backbone"] == "imer" else "prompt"
-    for key, allowed in CHOICES.items():
-        if opts[key] not in allowed:
-            raise ValueError(f"train.mplmm.{key} must be one of {allowed}, got {opts[key]!r}")
-    if opts["backbone"] == "mult" and opts["stage1_sampler"] != "complete":
-        raise ValueError("train.mplmm.stage1_sampler: dropout needs backbone imer (MulT's cross-attention "
-                         "needs every source); use complete")
-    if int(opts["prompt_length"]) < 1 or (opts["gen_tokens"] is not None and int(opts["gen_tokens"]) < 1):
-        raise ValueError("train.mplmm.prompt_length and gen_tokens must be >= 1 (gen_tokens null = the cap)")
-    if not 0.0 <= float(opts["eta"]) <= 1.0 or float(opts["lambda_gen"]) < 0:
-        raise ValueError(f"train.mplmm: eta must lie in [0, 1] and lambda_gen >= 0, got {opts['eta']}, "
-                         f"{opts['lambda_gen']}")
-    mult = opts["mult"]
-    if int(mult["d_model"]) % int(mult["n_heads"]):
-        raise ValueError(f"train.mplmm.mult: d_model={mult['d_model']} not divisible by n_heads={mult['n_heads']}")
-    if set(mult["dropout"]) != set(DROPOUT_KEYS):
-        raise ValueError(f"train.mplmm.mult.dropout needs keys {DROPOUT_KEYS}")
-    return opts
-
+from pipeline.methods.mplmm_options import STAGE2_SAMPLER_KEY, resolve_options
+from pipeline.methods.mult import MulTBackbone
+from pipeline.methods.prompts import PromptBank
 
 class MPLMMNet(nn.Module):
     STAGES = ("stage1", "stage2")
@@ -165,46 +118,59 @@ class MPLMMNet(nn.Module):
         prompts_on = self.stage == "stage2"
         tokens, tvalid, gen_means = {}, {}, {}
         for i, m in enumerate(MODALITY_ORDER):
-            T, v = xs[m].shape[1], valid[m]
-            has = present[:, i]
-            if bool(has.all()) or not (prompts_on or self.backbone == "mult"):
-                e = self._embed(m, xs[m])  # (B, T, D); rows without m are ignored downstream (imer stage 1)
+            T, v, has = xs[m].shape[1], valid[m], present[:, i]
+            if bool(has.all()):
+                e = self._embed(m, xs[m])  # (B, T, D)
                 tokens[m], tvalid[m] = (e + self.prompts.signal(m, "present", T) if prompts_on else e), v
                 continue
             rows, absent = has.nonzero(as_tuple=True)[0], (~has).nonzero(as_tuple=True)[0]  # (k,), (n,)
-            Tg = self.gen_tokens[m]
-            if prompts_on:
-                z = self.prompts.generate(m, xs, valid, absent, present)  # (n, Tg, D)
-                gen_means[m] = (absent, z.mean(dim=1))
-                z = z + self.prompts.signal(m, "missing", Tg)
-            else:
-                z = xs[m].new_zeros(absent.numel(), Tg, self.prompts.signal_missing[m].shape[1])
-            Tm = max(T, Tg)
-            e = z.new_zeros(present.shape[0], Tm, z.shape[2]).index_copy(0, absent, F.pad(z, (0, 0, 0, Tm - Tg)))
-            v = F.pad(v, (0, Tm - T)).index_copy(0, absent, (torch.arange(Tm, device=v.device) < Tg)
-                                                 .expand(absent.numel(), Tm))  # (B, Tm)
+            e = xs[m].new_zeros(present.shape[0], T, self.prompts.signal_missing[m].shape[1])  # (B, T, D)
+            if prompts_on or self.backbone == "mult":  # imer stage 1: absent rows stay empty (h_m = 0)
+                Tg = self.gen_tokens[m]
+                if prompts_on:
+                    z = self.prompts.generate(m, xs, valid, absent, present)  # (n, Tg, D)
+                    gen_means[m] = (absent, z.mean(dim=1))
+                    z = z + self.prompts.signal(m, "missing", Tg)
+                else:
+                    z = e.new_zeros(absent.numel(), Tg, e.shape[2])
+                Tm = max(T, Tg)
+                e = F.pad(e, (0, 0, 0, Tm - T)).index_copy(0, absent, F.pad(z, (0, 0, 0, Tm - Tg)))  # (B, Tm, D)
+                v = F.pad(v, (0, Tm - T)).index_copy(0, absent, (torch.arange(Tm, device=v.device) < Tg)
+                                                     .expand(absent.numel(), Tm))  # (B, Tm)
             if rows.numel():
                 real = self._embed(m, xs[m].index_select(0, rows))  # (k, T, D): only rows that have m
                 if prompts_on:
                     real = real + self.prompts.signal(m, "present", T)
-                e = e.index_copy(0, rows, F.pad(real, (0, 0, 0, Tm - T)))
+                e = e.index_copy(0, rows, F.pad(real, (0, 0, 0, e.shape[1] - T)))
             tokens[m], tvalid[m] = e, v
         return tokens, tvalid, gen_means
 
     def _imer_fuse(self, tokens, valid, type_tokens, entered):
-        """The project's encoder layers per modality (+ P type-prompt tokens, no position), fusion, head."""
+        """The project's encoder layers per modality (+ P type-prompt tokens, no position), fusion, head.
+        Rows where m did not enter (imer stage 1) are skipped and get h_m = 0, as in MCULoRANet."""
         hs, pooled = [], {}
         for j, m in enumerate(MODALITY_ORDER):
             enc, T = self.encoders[m], tokens[m].shape[1]
-            z, v = enc.drop(tokens[m] + enc.pos[:T]), valid[m]  # (B, T, D)
+            B = tokens[m].shape[0]
+            rows = None if bool(entered[:, j].all()) else entered[:, j].nonzero(as_tuple=True)[0]  # (k,)
+            if rows is not None and rows.numel() == 0:
+                pooled[m] = h = tokens[m].new_zeros(B, tokens[m].shape[2])
+                hs.append(h)
+                continue
+            z, v = (tokens[m], valid[m]) if rows is None else (tokens[m][rows], valid[m][rows])
+            z = enc.drop(z + enc.pos[:T])  # (k, T, D)
+            keep = slice(0, T)  # the outputs the read-out needs: data tokens (mean) or the last prompt token
             if type_tokens is not None:
-                z = torch.cat([z, type_tokens[j]], dim=1)  # (B, T + P, D)
-                v = torch.cat([v, v.new_ones(type_tokens.shape[1:3])], dim=1)
-            for layer in enc.layers:
+                extra = type_tokens[j] if rows is None else type_tokens[j][rows]  # (k, P, D)
+                z, v = torch.cat([z, extra], dim=1), torch.cat([v, v.new_ones(extra.shape[:2])], dim=1)
+                keep = slice(-1, None) if self.readout == "prompt" else keep
+            for layer in enc.layers[:-1]:
                 z = layer(z, v)
-            z = enc.ln_f(z)
-            h = z[:, -1] if (self.readout == "prompt" and type_tokens is not None) else masked_mean(z[:, :T], valid[m])
-            pooled[m] = h = torch.where(entered[:, j, None], h, 0.0)  # (B, D)
+            z = enc.ln_f(last_layer(enc.layers[-1], z, v, keep))  # (k, |keep|, D)
+            h = z[:, -1] if keep.start == -1 else masked_mean(z, valid[m] if rows is None else valid[m][rows])
+            if rows is not None:
+                h = h.new_zeros(B, h.shape[1]).index_copy(0, rows, h)  # (B, D)
+            pooled[m] = h
             hs.append(h)
         return self.head(self.drop(F.gelu(self.fusion(torch.cat(hs, dim=-1))))), pooled
 
@@ -247,7 +213,7 @@ class MPLMMNet(nn.Module):
         (the research code kept it on)."""
         super().train(mode)
         if self.stage == "stage2" and not self.options["frozen_dropout"]:
-            frozen = ([self.encoders[m].layers for m in MODALITY_ORDER] + [self.encoders[m].drop for m in MODALITY_ORDER]
+            frozen = ([module for m in MODALITY_ORDER for module in (self.encoders[m].layers, self.encoders[m].drop)]
                       if self.backbone == "imer" else self.mult.frozen_modules())
             for module in frozen:
                 module.train(False)
@@ -270,9 +236,6 @@ class MPLMMNet(nn.Module):
         from pipeline.training.plan import StagePlan
 
         o = self.options
-        if o["stage1_from"] is not None:
-            raise ValueError("train.mplmm.stage1_from is not supported: stage 1 is reused from the stage cache "
-                             "when data, config and seed match (leave stage1_from null)")
         epochs1 = int(cfg.stage1_epochs if o["stage1_epochs"] is None else o["stage1_epochs"])
         arch = (o["mult"] if self.backbone == "mult" else
                 {k: getattr(self.config, k) for k in ("d_model", "n_layers", "n_heads", "d_fusion", "dropout")})
@@ -306,3 +269,21 @@ class MPLMMNet(nn.Module):
             terms.append((z_mean[known] - target).pow(2).sum(dim=-1))  # (k,)
         value = torch.cat(terms).mean() if terms else out.prediction.sum() * 0.0
         return {"l_gen": (lam, value)}
+
+
+def last_layer(layer: EncoderLayer, x: torch.Tensor, valid: torch.Tensor, keep: slice) -> torch.Tensor:
+    """`layer(x, valid)[:, keep]` without computing the other positions' queries and MLP: every token
+    is still a key and value, but only the read-out's tokens (data tokens, or the last prompt token)
+    come out. x (N, L, D), valid (N, L) -> (N, |keep|, D)."""
+    attn, (N, L, D) = layer.attn, x.shape
+    H = attn.n_heads
+    h = layer.ln1(x)
+    Wq, Wk, Wv = attn.qkv.weight.split(D)
+    bq, bk, bv = attn.qkv.bias.split(D)
+    heads = lambda t: t.view(N, t.shape[1], H, D // H).transpose(1, 2)  # noqa: E731  (N, H, L, D/H)
+    q, k, v = heads(F.linear(h[:, keep], Wq, bq)), heads(F.linear(h, Wk, bk)), heads(F.linear(h, Wv, bv))
+    keys = valid | ~valid.any(dim=1, keepdim=True)  # as SelfAttention: an empty row attends everywhere
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :],
+                                       dropout_p=attn.dropout if attn.training else 0.0)  # (N, H, |keep|, D/H)
+    x = x[:, keep] + layer.drop(attn.out(y.transpose(1, 2).reshape(N, y.shape[2], D)))
+    return x + layer.drop(layer.fc2(F.gelu(layer.fc1(layer.ln2(x)))))  # (N, |keep|, D)

@@ -42,19 +42,23 @@ class MultLayer(nn.Module):
         self.out = nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, kv: torch.Tensor | None = None) -> torch.Tensor:
-        """x (n, Tq, d); kv (n, Tk, d) or None (self-attention); allowed (n, 1, Tq, Tk) bool."""
-        n, Tq, d = x.shape
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, kv: torch.Tensor | None = None,
+                keep: slice = slice(None)) -> torch.Tensor:
+        """x (n, T, d); kv (n, Tk, d) or None (self-attention); allowed (n, 1, 1 or T, Tk) bool.
+        Only the query positions `keep` are computed and returned (every token stays a key)."""
+        n, _, d = x.shape
         H = self.n_heads
         h = self.ln_attn(x)
         src = h if kv is None else self.ln_attn(kv)
         Wq, Wk, Wv = self.in_proj.weight.split(d)
         bq, bk, bv = self.in_proj.bias.split(d)
         heads = lambda t: t.view(n, t.shape[1], H, d // H).transpose(1, 2)  # noqa: E731  (n, H, T, d/H)
-        q, k, v = heads(F.linear(h, Wq, bq)), heads(F.linear(src, Wk, bk)), heads(F.linear(src, Wv, bv))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+        q, k, v = heads(F.linear(h[:, keep], Wq, bq)), heads(F.linear(src, Wk, bk)), heads(F.linear(src, Wv, bv))
+        mask = allowed if allowed.shape[2] == 1 else allowed[:, :, keep]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.drop["attn"] if self.training else 0.0)  # (n, H, Tq, d/H)
-        x = x + F.dropout(self.out(y.transpose(1, 2).reshape(n, Tq, d)), self.drop["res"], self.training)
+        x = x[:, keep] + F.dropout(self.out(y.transpose(1, 2).reshape(n, q.shape[2], d)), self.drop["res"],
+                                   self.training)
         h = F.dropout(F.relu(self.fc1(self.ln_ffn(x))), self.drop["relu"], self.training)
         return x + F.dropout(self.fc2(h), self.drop["res"], self.training)  # (n, Tq, d)
 
@@ -73,8 +77,10 @@ class MultEncoder(nn.Module):
         return F.dropout(x, self.drop["embed"], self.training)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, kv: torch.Tensor | None = None,
-                kv_valid: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """x (n, T, d) with valid (n, T); kv/kv_valid for cross-attention; extra (n, P, d) appended, no position."""
+                kv_valid: torch.Tensor | None = None, extra: torch.Tensor | None = None,
+                keep: slice = slice(None)) -> torch.Tensor:
+        """x (n, T, d) with valid (n, T); kv/kv_valid for cross-attention; extra (n, P, d) appended, no
+        position. The last layer computes only the positions `keep` (those a read-out needs)."""
         x = self._embed(x)
         if kv is not None:
             kv = self._embed(kv)
@@ -88,8 +94,8 @@ class MultEncoder(nn.Module):
             q_pos = torch.arange(Tq, device=x.device)[:, None]
             k_pos = torch.arange(Tk, device=x.device)[None, :]
             allowed = allowed & (k_pos <= q_pos + abs(Tk - Tq))[None, None]  # (n, 1, Tq, Tk)
-        for layer in self.layers:
-            x = layer(x, allowed, kv)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, allowed, kv, keep if i == len(self.layers) - 1 else slice(None))
         return self.ln_f(x)
 
 
@@ -120,7 +126,8 @@ class MulTBackbone(nn.Module):
 
     def standardise(self, m: str, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std where valid (n, T), exactly 0 elsewhere (absent or padded input never leaks in)."""
-        return torch.where(valid.unsqueeze(-1), (x - getattr(self, f"in_mean_{m}")) * getattr(self, f"in_scale_{m}"), 0.0)
+        mean, scale = getattr(self, f"in_mean_{m}"), getattr(self, f"in_scale_{m}")
+        return torch.where(valid.unsqueeze(-1), (x - mean) * scale, 0.0)  # (B, T, d_m)
 
     def embed(self, m: str, xs: torch.Tensor) -> torch.Tensor:
         return self.proj[m](xs)  # (n, T, D)
@@ -133,10 +140,11 @@ class MulTBackbone(nn.Module):
             crossed = [self.cross[f"{s}_to_{m}"](tokens[m], valid[m], tokens[s], valid[s])
                        for s in MODALITY_ORDER if s != m]  # 2 x (B, T_m, D)
             extra = None if type_tokens is None else type_tokens[j]
-            h = self.memory[m](torch.cat(crossed, dim=-1), valid[m], extra=extra)  # (B, T_m [+ P], 2D)
             T = valid[m].shape[1]
+            keep = slice(-1, None) if (readout == "prompt" and extra is not None) else slice(0, T)
+            h = self.memory[m](torch.cat(crossed, dim=-1), valid[m], extra=extra, keep=keep)  # (B, |keep|, 2D)
             if readout == "mean":
-                pooled[m] = masked_mean(h[:, :T], valid[m])  # (B, 2D)
+                pooled[m] = masked_mean(h, valid[m])  # (B, 2D)
             elif extra is not None:
                 pooled[m] = h[:, -1]  # the last appended prompt token, as published
             else:  # the last valid step (the research code read the last, padded one)

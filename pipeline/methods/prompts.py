@@ -28,18 +28,23 @@ def sources_of(m: str) -> tuple[str, str]:
 
 
 class CrossAttention(nn.Module):
-    """Learned queries (Tq, D) attend over a padded sequence (n, L, D); padded keys get weight 0."""
+    """Learned queries (Tq, D) attend over a padded sequence; padded keys get weight exactly 0."""
 
     def __init__(self, d: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
         self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
 
-    def forward(self, queries: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        n, L, D = seq.shape
+    def keys_values(self, x: torch.Tensor) -> torch.Tensor:
+        """[k(x); v(x)] (..., 2D) in one matmul; applied to valid tokens only (see PromptBank.generate)."""
+        return F.linear(x, torch.cat([self.k.weight, self.v.weight]), torch.cat([self.k.bias, self.v.bias]))
+
+    def forward(self, queries: torch.Tensor, kv: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """queries (Tq, D), kv (n, L, 2D) from `keys_values`, valid (n, L) -> (n, Tq, D)."""
+        n, L, D = kv.shape[0], kv.shape[1], kv.shape[2] // 2
         H, Tq = self.n_heads, queries.shape[0]
         q = self.q(queries).view(1, Tq, H, D // H).transpose(1, 2).expand(n, -1, -1, -1)  # (n, H, Tq, Dh)
-        k, v = (f(seq).view(n, L, H, D // H).transpose(1, 2) for f in (self.k, self.v))  # (n, H, L, Dh)
+        k, v = (t.reshape(n, L, H, D // H).transpose(1, 2) for t in kv.split(D, dim=-1))  # (n, H, L, Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])  # (n, H, Tq, Dh)
         return self.out(y.transpose(1, 2).reshape(n, Tq, D))  # (n, Tq, D)
 
@@ -52,10 +57,13 @@ class AttentionGenerator(nn.Module):
         self.queries = nn.ParameterDict({m: nn.Parameter(torch.randn(t, d) * 0.02) for m, t in gen_tokens.items()})
         self.attn = nn.ModuleDict({m: CrossAttention(d, n_heads) for m in gen_tokens})
 
+    def embed(self, m: str, x: torch.Tensor) -> torch.Tensor:
+        return self.attn[m].keys_values(x)  # (..., 2D)
+
     def forward(self, m: str, parts: list[torch.Tensor], valids: list[torch.Tensor],
                 source_present: torch.Tensor) -> torch.Tensor:
-        seq, valid = torch.cat(parts, dim=1), torch.cat(valids, dim=1)  # (n, L, D), (n, L)
-        return F.gelu(self.attn[m](self.queries[m], seq, valid))  # (n, T'_m, D)
+        kv, valid = torch.cat(parts, dim=1), torch.cat(valids, dim=1)  # (n, L, 2D), (n, L)
+        return F.gelu(self.attn[m](self.queries[m], kv, valid))  # (n, T'_m, D)
 
 
 class DenseGenerator(nn.Module):
@@ -68,6 +76,9 @@ class DenseGenerator(nn.Module):
         for m, t_out in gen_tokens.items():
             for key in self.source_sets(m):
                 self.maps[f"{m}_from_{key}"] = nn.Linear(prompt_length + sum(caps[s] for s in key), t_out)
+
+    def embed(self, m: str, x: torch.Tensor) -> torch.Tensor:
+        return x  # the time maps act on the tokens themselves
 
     @staticmethod
     def source_sets(m: str) -> tuple[str, ...]:
@@ -140,11 +151,13 @@ class PromptBank(nn.Module):
         idx = [MODALITY_ORDER.index(s) for s in srcs]
         source_present = present.index_select(0, rows)[:, idx]  # (n, 2)
         P = self.generative[m].shape[0]
-        parts = [self.generative[m].unsqueeze(0).expand(n, -1, -1)]  # (n, P, D)
+        parts = [self.generator.embed(m, self.generative[m]).unsqueeze(0).expand(n, -1, -1)]  # (n, P, D or 2D)
         valids = [source_present.new_ones(n, P)]
         for s in srcs:
-            x, ok = xs[s].index_select(0, rows), valid[s].index_select(0, rows)  # (n, T_s, d_s), (n, T_s)
-            c = torch.where(ok.unsqueeze(-1), F.gelu(self.channel[f"{s}_to_{m}"](x)), 0.0)  # (n, T_s, D)
+            ok = valid[s].index_select(0, rows)  # (n, T_s): present source, real step
+            r, t = ok.nonzero(as_tuple=True)  # (k,) each: only valid tokens are computed
+            c = self.generator.embed(m, F.gelu(self.channel[f"{s}_to_{m}"](xs[s][rows[r], t])))  # (k, D or 2D)
+            c = c.new_zeros(n, ok.shape[1], c.shape[1]).index_put((r, t), c)  # (n, T_s, .), zero elsewhere
             if self.generator_kind == "dense":  # fixed time layout: zero-pad to the cap
                 c, ok = F.pad(c, (0, 0, 0, self.caps[s] - c.shape[1])), F.pad(ok, (0, self.caps[s] - ok.shape[1]))
             parts.append(c)
@@ -160,8 +173,9 @@ class PromptBank(nn.Module):
             pres = self.signal_present[m].t() @ self.type_keys[m]  # (D, D')
             miss = self.signal_missing[m].t() @ self.type_keys[m]  # (D, D')
             M = M + torch.where(self.comb_masks[:, i, None, None], pres, miss)  # (7, D, D')
-        per_comb = torch.einsum("jpd,cde->jcpe", self.type_queries, M)  # (3, 7, P, D')
-        return per_comb[:, comb]  # (3, B, P, D')
+        J, P, D = self.type_queries.shape
+        per_comb = torch.matmul(self.type_queries.reshape(1, J * P, D), M)  # (7, 3P, D')
+        return per_comb.index_select(0, comb).view(-1, J, P, M.shape[2]).transpose(0, 1)  # (3, B, P, D')
 
     def group_sizes(self) -> dict[str, int]:
         """Parameters per prompt kind: generative (G, channel maps, generator), signal, type."""

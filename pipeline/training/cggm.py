@@ -3,22 +3,26 @@
 Spec: `cggm.md` (train.cggm). Unimodal classifiers f_m read the DETACHED pooled vector
 sg(h_m) (`ModelOutput.pooled[m]`), learn in their own optimizer group at `cls_lr` and send
 no gradient into the network. Their batch scores give a per-(combination, modality)
-progress signal (cggm_signal.ProgressSignal), from which the guarded coefficient B_m
-(cggm_signal.coefficients) scales modality m's update by rho * B_m, and a same-step
+progress signal (cggm_parts.ProgressSignal), from which the guarded coefficient B_m
+(cggm_parts.coefficients) scales modality m's update by rho * B_m, and a same-step
 direction term L_gm turns the fused model's logit gradient toward the lagging modalities.
 The classifiers live on this module, never on the network: `models/model.pt` keeps the
 baseline's keys. Single-modality batches (and warm-up epochs) are left alone: factor 1, no L_gm.
 
-How the trainer wires it (the LightningModule owns `self.cggm = CGGM.for_model(cfg, model, ...)`,
-so it moves with the module and stays out of `model.state_dict()`):
+How the trainer wires it: `loop._run_stage` passes one CGGM per run (built by `build_cggm`) in
+`MethodModule(components=[...])`; the module calls these hooks (`module` = the LightningModule). The
+CGGM is a plain list entry there, not a submodule, so the Lightning checkpoint holds the network only.
 
-    configure_optimizers:       AdamW(cggm.param_groups(model, lr, weight_decay))
-    on_train_epoch_start:       cggm.on_epoch_start(global_epoch)
-    training_step:              out = model(...); loss = task + ort
-                                for name, (w, v) in cggm.loss_terms(out, batch).items(): loss += w * v
-    on_before_optimizer_step:   cggm.before_optimizer_step(optimizer)   # after backward, before step
-    on_train_batch_end:         cggm.after_optimizer_step()             # restores modulated lrs
-    on_train_epoch_end:         cggm.on_epoch_end(model, monitor_batch); history.update(cggm.epoch_metrics())
+    configure_optimizers         param_groups(module) -> AdamW groups (moves the classifiers to the
+                                 network's device)
+    on_train_epoch_start         on_train_epoch_start(module)       (warm-up epochs)
+    training_step                loss_terms(module, out, batch) -> {name: (weight, tensor)}
+    on_before_optimizer_step     on_before_optimizer_step(module, optimizer)   (after backward)
+    on_train_batch_end           on_train_batch_end(module)         (restores modulated lrs)
+    on_train_epoch_end           on_train_epoch_end(module), then epoch_metrics() -> history
+
+The same steps without Lightning (tests, benchmarks): `groups(model, lr, wd)`, `loss_terms(None, out,
+batch)`, `before_optimizer_step(opt)`, `opt.step()`, `after_optimizer_step()`.
 
 `apply: lr` (default) gives each modality's parameters (`model.encoders[m]`, or a method's own
 `modality_parameter_groups()`) its own optimizer group and multiplies that group's lr by
@@ -43,41 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.core.modalities import COMBINATIONS, MASKS, MODALITY_ORDER
-from pipeline.training.cggm_signal import CGGMConfig, EpochStats, ProgressSignal, coefficients
+from pipeline.training.cggm_parts import (CGGMConfig, EpochStats, ProgressSignal, UnimodalClassifier, coefficients,
+                                         logit_gradient, masked_cosine, modality_parameters)
 
 MIXED = "mixed"
-
-
-class UnimodalClassifier(nn.Module):
-    """f_m: LayerNorm, Linear(D -> H), GELU, Linear(H -> n_outputs); returns (logits, last hidden)."""
-
-    def __init__(self, d_in: int, hidden: int, n_outputs: int):
-        super().__init__()
-        self.norm, self.fc, self.out = nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.Linear(hidden, n_outputs)
-
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = F.gelu(self.fc(self.norm(h)))  # (N, H)
-        return self.out(z), z  # (N, n_outputs), (N, H)
-
-
-def modality_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Modality m's parameter group: a method's `modality_parameter_groups()`, else `model.encoders[m]`."""
-    hook = getattr(model, "modality_parameter_groups", None)
-    if callable(hook):
-        return {m: list(ps) for m, ps in hook().items()}
-    return {m: list(enc.parameters()) for m, enc in model.encoders.items()}
-
-
-def logit_gradient(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """d(task loss)/d(logits) per row, up to a constant: softmax(z) - onehot(y), or z - y: (B, C)."""
-    if task == "classification":
-        return torch.softmax(z, dim=-1) - F.one_hot(y.long(), z.shape[-1]).to(z.dtype)
-    return z.reshape(-1, 1) - y.reshape(-1, 1).to(z.dtype)  # the L1 sign has no useful derivative
-
-
-def _masked_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Cosine of two flattened tensors (rows outside the mask already zeroed)."""
-    return (a * b).sum() / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)).clamp_min(eps)
 
 
 class CGGM(nn.Module):
@@ -100,13 +73,24 @@ class CGGM(nn.Module):
         self._saved_lr: list[tuple[dict, float]] = []
         self._head_input: torch.Tensor | None = None
         self._hook = None
+        self.monitor_batch: Mapping[str, Any] | None = None
 
     @classmethod
-    def for_model(cls, cfg: CGGMConfig, model: nn.Module, regression_loss: str = "l1") -> "CGGM":
-        """Sized from the network's config; registers a head-input hook if direction is weight_grad."""
+    def for_model(cls, cfg: CGGMConfig, model: nn.Module, regression_loss: str = "l1",
+                  monitor_batch: Mapping[str, Any] | None = None) -> "CGGM":
+        """Sized from the network's config (pooled width: `model.pooled_dim` if set, else d_model);
+        registers a head-input hook if direction is weight_grad.
+        `monitor_batch`: the fixed TRAINING monitoring batch (signal epoch_monitor needs it)."""
         mc = model.config
-        self = cls(cfg, tuple(m for m in mc.modalities if m in model.encoders), int(getattr(model, "pooled_dim", mc.d_model)),
-                   int(mc.d_fusion), int(mc.n_outputs), mc.task, regression_loss)
+        if not hasattr(model, "encoders") and not callable(getattr(model, "modality_parameter_groups", None)):
+            raise ValueError(f"train.cggm: method {mc.method!r} exposes neither `encoders[m]` nor "
+                             "`modality_parameter_groups()`, so CGGM cannot tell which parameters are modality m's")
+        modalities = tuple(m for m in mc.modalities if m in modality_parameters(model))
+        self = cls(cfg, modalities, int(getattr(model, "pooled_dim", mc.d_model)), int(mc.d_fusion),
+                   int(mc.n_outputs), mc.task, regression_loss)
+        if cfg.signal == "epoch_monitor" and monitor_batch is None:
+            raise ValueError("train.cggm.signal epoch_monitor needs the training monitoring batch")
+        self.monitor_batch = monitor_batch
         if cfg.direction == "weight_grad" and hasattr(model, "head"):
             self._hook = model.head.register_forward_pre_hook(self._capture_head_input)
         return self
@@ -119,8 +103,26 @@ class CGGM(nn.Module):
             self._hook.remove()
             self._hook = None
 
+    # ------------------------------------------------------------------ MethodModule hooks
+    def param_groups(self, module: Any) -> list[dict[str, Any]]:
+        device = next(module.model.parameters()).device
+        self.to(device)  # in place: the parameters keep their identity
+        return self.groups(module.model, module.lr, module.weight_decay)
+
+    def on_train_epoch_start(self, module: Any) -> None:
+        self.on_epoch_start(module.epoch_offset + int(module.current_epoch))
+
+    def on_before_optimizer_step(self, module: Any, optimizer: torch.optim.Optimizer) -> None:
+        self.before_optimizer_step(optimizer)
+
+    def on_train_batch_end(self, module: Any) -> None:
+        self.after_optimizer_step()
+
+    def on_train_epoch_end(self, module: Any) -> None:
+        self.on_epoch_end(module.model, self.monitor_batch)
+
     # ------------------------------------------------------------------ optimizer groups
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    def groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """One group per modality (key `cggm_modality`), one for the rest, one for the classifiers."""
         groups, seen = [], set()
         for m, params in modality_parameters(model).items():
@@ -140,7 +142,7 @@ class CGGM(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def loss_terms(self, out: Any, batch: Mapping[str, Any]) -> dict[str, tuple[float, torch.Tensor]]:
+    def loss_terms(self, module: Any, out: Any, batch: Mapping[str, Any]) -> dict[str, tuple[float, torch.Tensor]]:
         """{"cggm_cls": (1, L_cls)} (+ {"cggm_gm": (lambda_gm, L_gm)} on modulated steps); sets this
         step's factors for `before_optimizer_step`."""
         comb = batch["combination"]
@@ -148,6 +150,8 @@ class CGGM(nn.Module):
             comb = int(comb)
         homogeneous = not isinstance(comb, torch.Tensor)
         candidates = [m for m in self.modalities if not homogeneous or m in COMBINATIONS[comb]]
+        if getattr(out, "pooled", None) is None:
+            raise RuntimeError("train.cggm: the method's ModelOutput has no `pooled` (m -> (B, D) h_m)")
         y, mask = batch["target"], out.modality_mask
         l_cls = out.prediction.new_zeros(())
         score_t, count_t, cls_out = [], [], {}
@@ -170,7 +174,7 @@ class CGGM(nn.Module):
         if not modulated:
             b, guarded = {m: 1.0 for m in present}, False
         self._pending = (key, {m: (self.cfg.rho * b[m] if modulated else 1.0) for m in present})
-        self.stats.record_step(key, b, modulated, guarded)
+        self.stats.record_step(key, b, modulated, guarded, {m: self.progress.value(signal_key, m) for m in present})
         self.stats.add(key, "l_cls", l_cls)
         terms = {"cggm_cls": (1.0, l_cls)}
         if modulated and self.cfg.direction != "off" and self.cfg.lambda_gm > 0:
@@ -194,9 +198,9 @@ class CGGM(nn.Module):
                 g_m = logit_gradient(logits, y, self.task) * w[:, None]  # (B, C) zero outside m's rows
             gf_m = g_f * w[:, None]
             if z_f is None:
-                cos = _masked_cosine(gf_m, g_m)
+                cos = masked_cosine(gf_m, g_m)
             else:  # output-layer weight gradients (C, H); 1/N cancels in the cosine
-                cos = _masked_cosine(gf_m.transpose(0, 1) @ z_f, (g_m.transpose(0, 1) @ hidden).detach())
+                cos = masked_cosine(gf_m.transpose(0, 1) @ z_f, (g_m.transpose(0, 1) @ hidden).detach())
             self.stats.add(key, f"cos_{m}", cos)
             terms.append(abs(b[m]) - b[m] * cos)
         return torch.stack(terms).mean()
@@ -260,6 +264,8 @@ class CGGM(nn.Module):
         was_training, self_training = model.training, self.training
         model.eval()
         self.eval()
+        device = next(model.parameters()).device
+        monitor_batch = _to_device(monitor_batch, device)
         try:
             natural = monitor_batch["natural"]  # (B, 3)
             for c, name in enumerate(COMBINATIONS):
@@ -282,4 +288,19 @@ class CGGM(nn.Module):
 
     def epoch_metrics(self) -> dict[str, float]:
         """This epoch's `cggm/<name>/<combination>` floats (then reset); see EpochStats.flush."""
-        return self.stats.flush(self.progress)
+        return self.stats.flush()
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors (and dicts of tensors) on `device`."""
+    move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return {k: {m: move(x) for m, x in v.items()} if isinstance(v, dict) else move(v) for k, v in batch.items()}
+
+
+def build_cggm(options: Mapping[str, Any], model: nn.Module, regression_loss: str,
+               monitor_batch: Mapping[str, Any] | None) -> CGGM | None:
+    """The CGGM component of a run from its `train.cggm` section; None when not enabled."""
+    cfg = CGGMConfig.from_dict(options)
+    if not cfg.enabled:
+        return None
+    return CGGM.for_model(cfg, model, regression_loss, monitor_batch=monitor_batch)

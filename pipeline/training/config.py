@@ -7,9 +7,11 @@ back silently to a default. Method- and option-specific sections (`mplmm`, `wand
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from pipeline.core.params import build_config
 
 REGIMES = ("from_scratch", "two_stage")
 OPTION_SECTIONS = ("mplmm", "wander", "cggm")  # free-form sections, validated by their owners
@@ -92,7 +94,7 @@ class TrainConfig:
     @classmethod
     def from_params(cls, section: Mapping[str, Any]) -> "TrainConfig":
         """Build from a `train` params section; unknown keys raise with their dotted name."""
-        return _build(cls, dict(section or {}), "train")
+        return build_config(cls, dict(section or {}), "train")
 
     @classmethod
     def load(cls, path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> "TrainConfig":
@@ -112,21 +114,3 @@ class TrainConfig:
         d = asdict(self)
         d["model"]["adapt_targets"] = list(self.model.adapt_targets)
         return d
-
-
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"params {where}: unknown key(s) {', '.join(where + '.' + k for k in unknown)}; "
-                         f"known: {', '.join(sorted(known))}")
-    kwargs = {}
-    for name, value in values.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else None
-        if is_dataclass(default) and isinstance(value, Mapping):
-            kwargs[name] = _build(type(default), dict(value), f"{where}.{name}")
-        elif isinstance(default, dict):
-            kwargs[name] = dict(value or {})
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)

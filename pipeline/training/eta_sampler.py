@@ -1,9 +1,9 @@
 """MPLMM's samplers: `eta` dropout for stage 2 and naturally complete rows for a faithful stage 1.
 
-Both have the public surface of `ModalityDropoutSampler` (pipeline/training/sampler.py):
-`(natural, batch_size, seed, allowed=None)` (`allowed` (7,) bool: the formable combinations), `__len__`, `draw_epoch(epoch)` (a pure function of seed and
-epoch), `__iter__` (advances `epoch`, records `last_counts` and `history` as samples per
-combination), yielding `BatchKey(index, mask=(B, 3))`.
+Both have the public surface of `ModalityDropoutSampler` (pipeline/training/samplers.py):
+`(natural, batch_size, seed, allowed=None)` (`allowed` (7,) bool: the formable combinations),
+`__len__`, `draw_epoch(epoch)` (a pure function of seed and epoch), `__iter__` (advances `epoch`,
+records `last_counts` and `history` as samples per combination), yielding `BatchKey(index, mask=(B, 3))`.
 """
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ class MethodModule(pl.LightningModule):
     # ------------------------------------------------------------------ shared step
     def model_step(self, batch: dict) -> tuple[Any, torch.Tensor, dict[str, tuple[float, torch.Tensor]]]:
         """Forward one batch; returns (output, task loss, the method's weighted auxiliary losses)."""
-        out = self.model(batch["features"], batch["lengths"], batch["mask"], batch["combination"])
+        rows = {"index": batch["index"]} if getattr(self.model, "reads_row_index", False) else {}  # cached states
+        out = self.model(batch["features"], batch["lengths"], batch["mask"], batch["combination"], **rows)
         l_task = task_loss(out.prediction, batch["target"], self.task, self.regression_loss)
         aux = self.model.auxiliary_losses(out, batch) if hasattr(self.model, "auxiliary_losses") else {}
         for component in self.components:
@@ -95,7 +96,7 @@ class MethodModule(pl.LightningModule):
         target = batch["target"].cpu().numpy()
         for c in self.combinations:
             routed = route(self.model, batch["features"], batch["lengths_natural"], presence,
-                           MASKS[COMBINATIONS.index(c)], self.prior)
+                           MASKS[COMBINATIONS.index(c)], self.prior, index=batch["index"])
             self._val[c]["empty"][0] += int((routed.combination < 0).sum())
             self._val[c]["out"].append(routed.output)
             self._val[c]["true"].append(target)
@@ -147,12 +148,29 @@ class MethodModule(pl.LightningModule):
         counts = getattr(self.sampler, "last_counts", {}) or {}
         for c, k in counts.items():
             entry[f"train/draws/{c}"] = int(k)
+        self._call_components("on_train_epoch_end")  # CGGM: epoch-end monitoring, before its metrics
         for component in self.components:
             if hasattr(component, "epoch_metrics"):
                 entry.update(component.epoch_metrics())
         self.history.append(entry)
         if self.epoch_sink is not None:
             self.epoch_sink(entry)
+
+    # ------------------------------------------------------------------ component hooks (CGGM)
+    def _call_components(self, hook: str, *args: Any) -> None:
+        """Call `hook(self, *args)` on every component that defines it."""
+        for component in self.components:
+            if hasattr(component, hook):
+                getattr(component, hook)(self, *args)
+
+    def on_train_epoch_start(self) -> None:
+        self._call_components("on_train_epoch_start")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._call_components("on_before_optimizer_step", optimizer)  # after backward, before the update
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._call_components("on_train_batch_end")  # after the update
 
     def _separability(self) -> np.ndarray | None:
         """sep_c on the fixed training monitoring batch (eval mode, no grad); None without adapters."""

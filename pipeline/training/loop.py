@@ -24,6 +24,7 @@ from pipeline.core.params import config_hash
 from pipeline.methods import ModelConfig, save_model
 from pipeline.methods.registry import build_network
 from pipeline.training import reports
+from pipeline.training.cggm import build_cggm
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import MultimodalData, feature_statistics, train_prior
 from pipeline.training.dpft import DPFTController
@@ -44,12 +45,15 @@ class TestRowsInTraining(ValueError):
 class TrainState:
     """What the stages of one run accumulate."""
 
+    out_dir: Path = Path(".")  # where models/, reports/ and .imer/ (temp files, stage cache) go
     history: list[dict] = field(default_factory=list)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     seeds: dict[str, int] = field(default_factory=dict)
     sampler: Any = None  # the selected stage's sampler
     dpft: DPFTController | None = None
     cached: dict[str, str] = field(default_factory=dict)  # stage -> cache file it was restored from
+    components: list | None = None  # training options plugged into MethodModule (CGGM), one per run
+    notes: dict[str, dict] = field(default_factory=dict)  # stage -> what the network's prepare_stage reported
 
 
 def build_model_config(data: MultimodalData, cfg: TrainConfig, modalities: tuple[str, ...]) -> ModelConfig:
@@ -102,7 +106,7 @@ def train_model(data: MultimodalData, cfg: TrainConfig | Mapping[str, Any], out_
     prior = train_prior(data)  # scores val samples left with no modality, exactly as evaluate does
     plan = model.training_plan(cfg)
     check_plan(plan, model.STAGES)
-    state = TrainState()
+    state = TrainState(out_dir=out_dir)
     with training_tmpdir(out_dir) as tmp:
         for index, stage in enumerate(plan):
             _run_stage(index, stage, plan, model, train, val, cfg, metric, prior, combinations, tracking,
@@ -133,12 +137,15 @@ def _run_stage(index: int, stage: StagePlan, plan: list[StagePlan], model: torch
     seed = state.seeds[stage.label] = stage_seed(cfg, index, stage)
     if index > 0 and plan[index - 1].cache_key is not None:
         pl.seed_everything(seed, workers=True)  # the same RNG state whether the previous stage ran or was restored
-    cache = StageCache(Path(cfg.out_dir), stage, cfg, provenance, model) if stage.cache_key is not None else None
+    cache = StageCache(state.out_dir, stage, cfg, provenance, model) if stage.cache_key is not None else None
     if cache is not None and cache.restore(model):
         state.cached[stage.label] = str(cache.path)
         return
+    if hasattr(model, "prepare_stage"):  # e.g. Wander: load stage1_from, build the frozen-backbone cache
+        state.notes[stage.label] = model.prepare_stage(stage, train, val, cfg.val_batch_size)
     allowed = np.array([c in combinations for c in COMBINATIONS])  # (7,)
-    sampler = make_sampler(stage.sampler, train.view_natural(), cfg.batch_size, seed, allowed=allowed)
+    sampler = make_sampler(stage.sampler, train.view_natural(), cfg.batch_size, seed, allowed=allowed,
+                           **(stage.sampler_options or {}))
     dpft = None
     if stage.dpft:
         mode = cfg.dpft.mode
@@ -152,7 +159,8 @@ def _run_stage(index: int, stage: StagePlan, plan: list[StagePlan], model: torch
     module = MethodModule(model, sampler=sampler, dpft=dpft, monitor_batch=monitor_batch, stage=stage.label,
                           epoch_offset=len(state.history), lr=cfg.lr, weight_decay=cfg.weight_decay,
                           regression_loss=cfg.regression_loss, selection_metric=metric, epoch_sink=sink,
-                          prior=prior, combinations=combinations)
+                          prior=prior, combinations=combinations,
+                          components=_training_components(cfg, model, train, state))
     callbacks: list = []
     if stage.select:
         monitor, mode = f"val/{metric}/mean", direction(metric)
@@ -192,6 +200,18 @@ def _finish(model, data: MultimodalData, cfg: TrainConfig, metric: str, plan: li
                               combinations, modalities)
     reports.write_all(out_dir, summary, state.history, metric, tracking, best)
     return summary
+
+
+def _training_components(cfg: TrainConfig, model: torch.nn.Module, train: MultimodalData,
+                         state: TrainState) -> list:
+    """Training options for MethodModule, built once per run so they carry across stages (train.cggm)."""
+    if state.components is None:
+        options = cfg.options("cggm")  # validated even when disabled: a typo is an error
+        wants_monitor = options.get("enabled") and options.get("signal") == "epoch_monitor"
+        monitor = _monitor_batch(train, cfg.dpft.monitor_size, cfg.seed) if wants_monitor else None
+        cggm = build_cggm(options, model, cfg.regression_loss, monitor)
+        state.components = [] if cggm is None else [cggm]
+    return state.components
 
 
 def _monitor_batch(train: MultimodalData, size: int, seed: int) -> dict:

@@ -13,6 +13,7 @@ class StagePlan:
     dpft: bool = False  # DPFT re-weights the sampler's combination probabilities after each epoch
     select: bool = False  # keep this stage's best validation epoch (early stopping on it); normally the last
     cache_key: dict[str, Any] | None = None  # store the state after this stage; reuse it when the key recurs
+    sampler_options: dict[str, Any] | None = None  # keyword options for the sampler (e.g. MPLMM's eta)
     history_name: str | None = None  # name in the history / plots (default: `name`)
 
     @property

@@ -6,6 +6,7 @@ from typing import Any
 
 from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.modalities import COMBINATIONS
+from pipeline.training.cggm_parts import coefficient_csv
 
 
 def summary(cfg: Any, metric: str, monitor: str, best: dict | None, state: Any, plan: list, train: Any, val: Any,
@@ -26,7 +27,8 @@ def summary(cfg: Any, metric: str, monitor: str, best: dict | None, state: Any, 
         "not_applicable": [c for c in COMBINATIONS if c not in combinations],
         "epochs_run": len(state.history), "parameter_counts": state.counts,
         "stages": [{"name": p.name, "label": p.label, "sampler": p.sampler, "epochs": p.epochs,
-                    "seed": state.seeds.get(p.label), "restored_from": state.cached.get(p.label)} for p in plan],
+                    "seed": state.seeds.get(p.label), "restored_from": state.cached.get(p.label),
+                    "notes": state.notes.get(p.label, {})} for p in plan],
         "q_history": [[h.get(f"dpft/q/{c}") for c in COMBINATIONS] for h in state.history if h["stage"] == final],
         "sep_history": [[h.get(f"dpft/sep/{c}") for c in COMBINATIONS] for h in state.history if h["stage"] == final],
         "final_q": None if dpft is None else dpft.q.tolist(),
@@ -71,6 +73,8 @@ def write_plot_csvs(plots: Path, history: list[dict], metric: str) -> None:
             lines.append(f"{h['epoch']},{h['stage']}," + ",".join("" if v is None else f"{v:.6g}" for v in vals))
         with atomic_path(plots / name) as tmp:
             tmp.write_text("\n".join(lines) + "\n")
+    with atomic_path(plots / "cggm_coeff.csv") as tmp:  # header only when train.cggm is off
+        tmp.write_text(coefficient_csv(history))
     lines = ["epoch,stage,loss,l_ort"]
     lines += [f"{h['epoch']},{h['stage']},{h.get('train/loss', float('nan')):.6g},{h.get('train/l_ort', float('nan')):.6g}"
               for h in history]

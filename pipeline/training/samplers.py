@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from pipeline.core.modalities import COMBINATIONS, MASKS, mask_to_index
 from pipeline.training.data import MultimodalData
+from pipeline.training.eta_sampler import CompleteRowsSampler, EtaDropoutSampler
 
 N_COMB = len(COMBINATIONS)
 
@@ -154,6 +155,8 @@ class ModalityDropoutSampler:
 SAMPLERS: dict[str, type] = {
     "homogeneous": HomogeneousBatchSampler,
     "dropout": ModalityDropoutSampler,
+    "eta": EtaDropoutSampler,  # MPLMM stage 2
+    "complete": CompleteRowsSampler,  # MPLMM's faithful stage 1: naturally complete rows only
 }
 
 

@@ -1,15 +1,13 @@
 """Where training keeps its files between steps: a temp folder under the project, and the stage cache.
 
 Temporary checkpoints live under `<out_dir>/.imer/tmp/` (git-ignored, never the system temp dir),
-removed when the run ends, also on error. A stage whose plan sets `cache_key` stores its weights
+removed when the run ends, also on error; a folder left by a killed trainer is removed by the next one. A stage whose plan sets `cache_key` stores its weights
 under `<out_dir>/.imer/stage_cache/<hash>.pt`, keyed by that key plus the feature-table and split
 hashes, the network config and the seed, and is restored instead of retrained when all match.
 """
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -17,6 +15,7 @@ import torch
 
 from pipeline.core.atomic import atomic_path
 from pipeline.core.hashing import config_hash
+from pipeline.core.processes import owned_tmpdir
 
 WORK_DIR = ".imer"
 
@@ -24,13 +23,9 @@ WORK_DIR = ".imer"
 @contextlib.contextmanager
 def training_tmpdir(out_dir: str | Path) -> Iterator[Path]:
     """A fresh folder under `<out_dir>/.imer/tmp/`, removed on exit."""
-    root = Path(out_dir) / WORK_DIR / "tmp"
-    root.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix="train-", dir=root))
-    try:
+    # named with this trainer's pid and start time; folders of trainers that were killed are removed here
+    with owned_tmpdir(Path(out_dir) / WORK_DIR / "tmp") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class StageCache:
@@ -44,6 +39,8 @@ class StageCache:
                "splits": provenance.get("splits_hash"), "manifest": provenance.get("manifest_sha256"),
                "config": config, "seed": cfg.seed, "lr": cfg.lr, "batch_size": cfg.batch_size,
                "standardise": cfg.standardise_inputs}
+        if cfg.cggm.get("enabled"):  # CGGM changes what a stage learns; absent when off (old keys stay valid)
+            key["cggm"] = dict(cfg.cggm)
         self.key = key
         self.path = Path(out_dir) / WORK_DIR / "stage_cache" / f"{config_hash(key)}.pt"
 

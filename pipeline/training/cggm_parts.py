@@ -1,4 +1,5 @@
-"""CGGM's bookkeeping: settings, the progress signal, the guarded coefficient, per-epoch statistics.
+"""CGGM's parts: settings, the unimodal classifier, closed-form logit gradients, the progress
+signal, the guarded coefficient and the per-epoch statistics.
 
 Pure Python state (no tensors kept across steps except running sums), so it is cheap,
 deterministic and testable without a network. `pipeline/training/cggm.py` holds the
@@ -15,6 +16,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from pipeline.core.modalities import COMBINATIONS
 
@@ -69,6 +72,38 @@ class CGGMConfig:
         if unknown:
             raise ValueError(f"train.cggm: unknown keys {unknown}; known {sorted(known)}")
         return cls(**d)
+
+
+class UnimodalClassifier(nn.Module):
+    """f_m: LayerNorm, Linear(D -> H), GELU, Linear(H -> n_outputs); returns (logits, last hidden)."""
+
+    def __init__(self, d_in: int, hidden: int, n_outputs: int):
+        super().__init__()
+        self.norm, self.fc, self.out = nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.Linear(hidden, n_outputs)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = F.gelu(self.fc(self.norm(h)))  # (N, H)
+        return self.out(z), z  # (N, n_outputs), (N, H)
+
+
+def modality_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Modality m's parameter group: a method's `modality_parameter_groups()`, else `model.encoders[m]`."""
+    hook = getattr(model, "modality_parameter_groups", None)
+    if callable(hook):
+        return {m: list(ps) for m, ps in hook().items()}
+    return {m: list(enc.parameters()) for m, enc in model.encoders.items()}
+
+
+def logit_gradient(z: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """d(task loss)/d(logits) per row, up to a constant: softmax(z) - onehot(y), or z - y: (B, C)."""
+    if task == "classification":
+        return torch.softmax(z, dim=-1) - F.one_hot(y.long(), z.shape[-1]).to(z.dtype)
+    return z.reshape(-1, 1) - y.reshape(-1, 1).to(z.dtype)  # the L1 sign has no useful derivative
+
+
+def masked_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Cosine of two flattened tensors (rows outside the mask already zeroed)."""
+    return (a * b).sum() / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)).clamp_min(eps)
 
 
 def coefficients(deltas: Mapping[str, float], cfg: CGGMConfig) -> tuple[dict[str, float], bool]:
@@ -161,8 +196,12 @@ class EpochStats:
         self.b: dict[tuple[str, str], list[float]] = {}
         self.sums: dict[tuple[str, str], torch.Tensor] = {}  # (key, name) -> running sum
         self.counts: dict[tuple[str, str], int] = {}
+        self.progress: dict[str, dict[str, float]] = {}  # key -> m -> last progress level
 
-    def record_step(self, key: str, b: Mapping[str, float], modulated: bool, guarded: bool) -> None:
+    def record_step(self, key: str, b: Mapping[str, float], modulated: bool, guarded: bool,
+                    progress: Mapping[str, float]) -> None:
+        """One step of `key`: its coefficients, flags and the progress level each m had after it."""
+        self.progress.setdefault(key, {}).update(progress)
         self.steps[key] = self.steps.get(key, 0) + 1
         self.modulated[key] = self.modulated.get(key, 0) + int(modulated)
         self.guarded[key] = self.guarded.get(key, 0) + int(guarded)
@@ -175,7 +214,7 @@ class EpochStats:
         self.sums[k] = self.sums[k] + value if k in self.sums else value.clone()
         self.counts[k] = self.counts.get(k, 0) + 1
 
-    def flush(self, progress: ProgressSignal) -> dict[str, float]:
+    def flush(self) -> dict[str, float]:
         """Means over the epoch's steps, then reset. Shares are over the key's steps."""
         out: dict[str, float] = {}
         total = sum(self.steps.values())
@@ -190,7 +229,7 @@ class EpochStats:
             out[f"cggm/b_mean_{m}/{key}"] = sum(vals) / len(vals)
             out[f"cggm/b_min_{m}/{key}"] = min(vals)
             out[f"cggm/b_max_{m}/{key}"] = max(vals)
-            out[f"cggm/progress_{m}/{key}"] = float(progress.value(key, m))
+            out[f"cggm/progress_{m}/{key}"] = float(self.progress.get(key, {}).get(m, float("nan")))
         if self.sums:
             keys = list(self.sums)
             means = (torch.stack([self.sums[k].to("cpu") for k in keys]) /
@@ -205,8 +244,10 @@ def coefficient_csv(history: list[Mapping[str, Any]]) -> str:
     combination (and "mixed") that has a value in some epoch; columns named `<c>_<m>`."""
     keys = [(c, m) for c in (*COMBINATIONS, "mixed") for m in "atv" if len(c) > 1 and (c == "mixed" or m in c)]
     keys = [k for k in keys if any(f"cggm/b_mean_{k[1]}/{k[0]}" in h for h in history)]
-    lines = ["epoch,stage," + ",".join(f"{c}_{m}" for c, m in keys)]
+    lines = [",".join(["epoch", "stage", *(f"{c}_{m}" for c, m in keys)])]
     for h in history:
         vals = [h.get(f"cggm/b_mean_{m}/{c}") for c, m in keys]
+        if all(v is None for v in vals):
+            continue
         lines.append(f"{h['epoch']},{h['stage']}," + ",".join("" if v is None else f"{v:.6g}" for v in vals))
     return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Prediction on new clips: extractor recipes that travel with a model, media -> features, the prediction."""
