@@ -7,6 +7,7 @@
 - `imer servers start|stop|status`: the local Prefect and MLflow servers.
 - `imer repro [dvc repro options]`: `dvc repro` with one local Prefect API for the whole run.
 - `imer predict ...`: emotion of new clips with a registered model or a checkpoint.
+- `imer demo ...`: a local web page (127.0.0.1) to try a model on your own clips.
 - `imer folds run|aggregate ...`: IEMOCAP leave-one-session-out folds.
 
 Exit codes: 0 success, 1 runtime error (bad data, failed stage), 2 usage error (unknown
@@ -28,6 +29,7 @@ DELEGATES: dict[str, tuple[str, str]] = {
     "servers": ("flows.servers", "start, stop or show the local Prefect and MLflow servers"),
     "repro": ("flows.repro", "dvc repro with one local Prefect API for all stages"),
     "predict": ("flows.predict", "predict the emotion of new clips (audio, video, transcript)"),
+    "demo": ("flows.demo", "a local web page (127.0.0.1) to try a model on your own clips"),
     "folds": ("flows.folds", "IEMOCAP leave-one-session-out: run the folds or aggregate their metrics"),
 }
 

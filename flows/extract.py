@@ -85,7 +85,11 @@ def local_process_pool(workers: int) -> Iterator[None]:
     """Open the process pool the default runner's chunk tasks use (spawned: the flow process has threads)."""
     global _POOL
     n = workers or os.cpu_count() or 1
-    pool = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"))
+    from features.workers import die_with_stage
+
+    # workers die with the stage process, also on kill -9 (no orphan pool holding the stage's stdout)
+    pool = cf.ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"), initializer=die_with_stage,
+                                  initargs=(os.getpid(),))
     _POOL = pool
     try:
         yield

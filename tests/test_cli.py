@@ -20,7 +20,7 @@ def test_version_and_top_level_help_list_every_command(capsys):
     assert capsys.readouterr().out.strip() == f"imer {cli.version()}"
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in [*STAGE_MODULES, "servers", "repro", "predict", "folds"]:
+    for name in [*STAGE_MODULES, "servers", "repro", "predict", "demo", "folds"]:
         assert name in out
     assert "compare" not in out  # nothing implements it: no placeholder command
 

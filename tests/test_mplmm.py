@@ -388,7 +388,28 @@ def test_training_runs_both_stages_and_reuses_stage1(split_data, tmp_path, backb
     model, extra = load_model(tmp_path / "models" / "model.pt")
     assert isinstance(model, MPLMMNet) and model.options["backbone"] == backbone and extra["method"] == "mplmm"
     # the same run again restores stage 1 from the stage cache and ends with the same weights
-    again = train_model(MultimodalData.load(*split_data, include=("train", "val")), params, tmp_path / "again")
+    again = train_model(MultimodalData.load(*split_data, include=("train", "val")), params, tmp_path)
     assert again["stages"][0]["restored_from"] and not summary["stages"][0]["restored_from"]
-    reloaded, _ = load_model(tmp_path / "again" / "models" / "model.pt")
+    reloaded, _ = load_model(tmp_path / "models" / "model.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+
+
+def test_stage1_from_a_stored_model_skips_stage1(split_data, tmp_path):
+    from pipeline.train import train_model
+    from pipeline.training.data import MultimodalData
+
+    load = lambda: MultimodalData.load(*split_data, include=("train", "val"))  # noqa: E731
+    train_model(load(), train_params("imer", tmp_path / "a"), tmp_path / "a")
+    source, _ = load_model(tmp_path / "a" / "models" / "model.pt")
+    params = train_params("imer", tmp_path / "b", stage1_from=str(tmp_path / "a" / "models" / "model.pt"))
+    summary = train_model(load(), params, tmp_path / "b")
+    assert [s["name"] for s in summary["stages"]] == ["stage2"]
+    model, _ = load_model(tmp_path / "b" / "models" / "model.pt")
+    frozen = [k for k in model.state_dict() if model.group_of(k) == "backbone" and k in dict(model.named_parameters())]
+    assert frozen and all(torch.equal(model.state_dict()[k], source.state_dict()[k]) for k in frozen)
+    bad = MPLMMNet(tiny_config("imer"))
+    with pytest.raises(ValueError, match="hashes"):
+        bad.load_stage1(str(tmp_path / "a" / "models" / "model.pt"), {"splits_hash": "other"})
+    stored = torch.load(tmp_path / "a" / "models" / "model.pt", weights_only=True)["extra"]["provenance"]
+    with pytest.raises(ValueError, match="no imer backbone of this shape"):
+        bad.load_stage1(str(tmp_path / "a" / "models" / "model.pt"), stored)  # d_model 8 vs the stored 16

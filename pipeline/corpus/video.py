@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.core.atomic import current_umask
+
 from pipeline.corpus.speakers import Speaker
 
 # Expression at full intensity, per class. Units: brow_raise and mouth_curve are in
@@ -199,6 +201,7 @@ def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # the mode a normal write gets, not mkstemp's private 0600
     os.close(fd)
     try:
         height, width = frames.shape[1:3]

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from pipeline.core.modalities import MASKS, MODALITY_ORDER
 from pipeline.methods.config import ModelConfig
-from pipeline.methods.encoders import EncoderLayer, ModalityEncoder, make_linear, masked_mean
+from pipeline.methods.encoders import ModalityEncoder, make_linear, masked_mean
+from pipeline.methods.imer_backbone import imer_fuse
 from pipeline.methods.mcla import Combination, normalise_combination
 from pipeline.methods.mculora import ModelOutput
 from pipeline.methods.mplmm_options import STAGE2_SAMPLER_KEY, resolve_options
@@ -84,7 +85,7 @@ class MPLMMNet(nn.Module):
         type_tokens = self.prompts.type_tokens(comb) if self.stage == "stage2" else None
         entered = present if (self.backbone == "imer" and self.stage == "stage1") else torch.ones_like(present)
         if self.backbone == "imer":
-            prediction, pooled = self._imer_fuse(tokens, tvalid, type_tokens, entered)
+            prediction, pooled = imer_fuse(self, tokens, tvalid, type_tokens, entered, self.readout)
         else:
             prediction, pooled = self.mult.fuse(tokens, tvalid, type_tokens, self.readout)
         pooled = {m: torch.where(present[:, i, None], pooled[m], 0.0) for i, m in enumerate(MODALITY_ORDER)}
@@ -144,35 +145,6 @@ class MPLMMNet(nn.Module):
                 e = e.index_copy(0, rows, F.pad(real, (0, 0, 0, e.shape[1] - T)))
             tokens[m], tvalid[m] = e, v
         return tokens, tvalid, gen_means
-
-    def _imer_fuse(self, tokens, valid, type_tokens, entered):
-        """The project's encoder layers per modality (+ P type-prompt tokens, no position), fusion, head.
-        Rows where m did not enter (imer stage 1) are skipped and get h_m = 0, as in MCULoRANet."""
-        hs, pooled = [], {}
-        for j, m in enumerate(MODALITY_ORDER):
-            enc, T = self.encoders[m], tokens[m].shape[1]
-            B = tokens[m].shape[0]
-            rows = None if bool(entered[:, j].all()) else entered[:, j].nonzero(as_tuple=True)[0]  # (k,)
-            if rows is not None and rows.numel() == 0:
-                pooled[m] = h = tokens[m].new_zeros(B, tokens[m].shape[2])
-                hs.append(h)
-                continue
-            z, v = (tokens[m], valid[m]) if rows is None else (tokens[m][rows], valid[m][rows])
-            z = enc.drop(z + enc.pos[:T])  # (k, T, D)
-            keep = slice(0, T)  # the outputs the read-out needs: data tokens (mean) or the last prompt token
-            if type_tokens is not None:
-                extra = type_tokens[j] if rows is None else type_tokens[j][rows]  # (k, P, D)
-                z, v = torch.cat([z, extra], dim=1), torch.cat([v, v.new_ones(extra.shape[:2])], dim=1)
-                keep = slice(-1, None) if self.readout == "prompt" else keep
-            for layer in enc.layers[:-1]:
-                z = layer(z, v)
-            z = enc.ln_f(last_layer(enc.layers[-1], z, v, keep))  # (k, |keep|, D)
-            h = z[:, -1] if keep.start == -1 else masked_mean(z, valid[m] if rows is None else valid[m][rows])
-            if rows is not None:
-                h = h.new_zeros(B, h.shape[1]).index_copy(0, rows, h)  # (B, D)
-            pooled[m] = h
-            hs.append(h)
-        return self.head(self.drop(F.gelu(self.fusion(torch.cat(hs, dim=-1))))), pooled
 
     # ---- stages, statistics, counts ----------------------------------------------------------------
     def set_input_statistics(self, stats: dict[str, tuple[Any, Any]]) -> None:
@@ -240,10 +212,33 @@ class MPLMMNet(nn.Module):
         arch = (o["mult"] if self.backbone == "mult" else
                 {k: getattr(self.config, k) for k in ("d_model", "n_layers", "n_heads", "d_fusion", "dropout")})
         key = {"backbone": self.backbone, "arch": arch, "sampler": o["stage1_sampler"], "epochs": epochs1}
-        stage2_options = {"eta": float(o["eta"])} if o["sampler"] == "eta" else {}
-        return [StagePlan("stage1", epochs1, o["stage1_sampler"], cache_key=key),
-                StagePlan("stage2", int(cfg.max_epochs), STAGE2_SAMPLER_KEY[o["sampler"]], select=True,
-                          sampler_options=stage2_options)]
+        stage2 = StagePlan("stage2", int(cfg.max_epochs), STAGE2_SAMPLER_KEY[o["sampler"]], select=True,
+                           sampler_options={"eta": float(o["eta"])} if o["sampler"] == "eta" else {})
+        if o["stage1_from"] is not None:  # stage 1 comes from a stored model (see prepare_stage)
+            return [stage2]
+        return [StagePlan("stage1", epochs1, o["stage1_sampler"], cache_key=key), stage2]
+
+    def prepare_stage(self, stage: Any, train: Any, val: Any, batch_size: int = 256) -> dict[str, Any]:
+        """Before stage 2: load the backbone of `stage1_from` if set (the trainer records what it returns)."""
+        if stage.name != "stage2" or self.options["stage1_from"] is None:
+            return {}
+        return {"stage1_from": self.load_stage1(self.options["stage1_from"], train.provenance)}
+
+    def load_stage1(self, path: str, provenance: dict[str, Any]) -> str:
+        """Copy backbone, input projections and head from a stored model (any method with the same
+        backbone names, e.g. MCULoRA or MPLMM); its feature, split and manifest hashes must match."""
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        theirs = stored.get("extra", {}).get("provenance")
+        if theirs != provenance:
+            raise ValueError(f"train.mplmm.stage1_from={path}: its feature/split hashes {theirs} differ from this "
+                             f"run's {provenance}; retrain stage 1 (stage1_from: null)")
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("prompts.")}
+        found = {k: v for k, v in stored["state_dict"].items() if k in own and v.shape == own[k].shape}
+        if set(found) != set(own):
+            raise ValueError(f"train.mplmm.stage1_from={path}: no {self.backbone} backbone of this shape "
+                             f"(missing or resized: {sorted(set(own) - set(found))[:5]})")
+        self.load_state_dict(found, strict=False)
+        return str(path)
 
     def auxiliary_losses(self, out: ModelOutput, batch: dict) -> dict[str, tuple[float, torch.Tensor]]:
         """`l_gen` (weight lambda_gen, off by default): for modalities the sampler dropped (real tokens
@@ -270,20 +265,3 @@ class MPLMMNet(nn.Module):
         value = torch.cat(terms).mean() if terms else out.prediction.sum() * 0.0
         return {"l_gen": (lam, value)}
 
-
-def last_layer(layer: EncoderLayer, x: torch.Tensor, valid: torch.Tensor, keep: slice) -> torch.Tensor:
-    """`layer(x, valid)[:, keep]` without computing the other positions' queries and MLP: every token
-    is still a key and value, but only the read-out's tokens (data tokens, or the last prompt token)
-    come out. x (N, L, D), valid (N, L) -> (N, |keep|, D)."""
-    attn, (N, L, D) = layer.attn, x.shape
-    H = attn.n_heads
-    h = layer.ln1(x)
-    Wq, Wk, Wv = attn.qkv.weight.split(D)
-    bq, bk, bv = attn.qkv.bias.split(D)
-    heads = lambda t: t.view(N, t.shape[1], H, D // H).transpose(1, 2)  # noqa: E731  (N, H, L, D/H)
-    q, k, v = heads(F.linear(h[:, keep], Wq, bq)), heads(F.linear(h, Wk, bk)), heads(F.linear(h, Wv, bv))
-    keys = valid | ~valid.any(dim=1, keepdim=True)  # as SelfAttention: an empty row attends everywhere
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :],
-                                       dropout_p=attn.dropout if attn.training else 0.0)  # (N, H, |keep|, D/H)
-    x = x[:, keep] + layer.drop(attn.out(y.transpose(1, 2).reshape(N, y.shape[2], D)))
-    return x + layer.drop(layer.fc2(F.gelu(layer.fc1(layer.ln2(x)))))  # (N, |keep|, D)

@@ -11,7 +11,7 @@ from pipeline.methods.prompts import GENERATORS, SIGNAL_PROMPTS, TYPE_PROMPT_INI
 DEFAULTS: dict[str, Any] = {
     "backbone": "imer", "prompt_length": 16, "generator": "attention", "gen_tokens": None,
     "signal_prompts": "positional", "readout": None, "type_prompt_init": "small", "type_prompts": True,
-    "stage1_sampler": "complete", "stage1_epochs": None, "sampler": "eta", "eta": 0.7,
+    "stage1_sampler": "complete", "stage1_epochs": None, "stage1_from": None, "sampler": "eta", "eta": 0.7,
     "reinit_input_proj": False, "lambda_gen": 0.0, "frozen_dropout": False,
     "mult": {"d_model": 30, "n_layers": 5, "mem_layers": 5, "n_heads": 5, "causal": False,
              "dropout": {"attn": 0.1, "relu": 0.1, "res": 0.1, "embed": 0.25, "out": 0.1}},

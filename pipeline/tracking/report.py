@@ -17,6 +17,7 @@ from typing import Any
 import polars as pl
 
 from pipeline.core.atomic import atomic_path
+from pipeline.core.metrics import METRICS
 from pipeline.core.modalities import COMBINATIONS
 
 PLOTS = {"per_combination": "per_combination.png", "mr_curve": "mr_curve.png",
@@ -45,6 +46,9 @@ def metric_table(metrics: dict[str, Any]) -> pl.DataFrame:
         return pl.DataFrame()
     order = {c: i for i, c in enumerate((*COMBINATIONS, "mean", "natural"))}
     wide = pl.DataFrame(long).pivot(on="column", index="combination", values="value", aggregate_function="first")
+    known = [n for names in METRICS.values() for n in names]
+    rank = lambda col: (col.split()[0] != "val", known.index(col.split()[1]) if col.split()[1] in known else 99, col)  # noqa: E731
+    wide = wide.select("combination", *sorted(wide.columns[1:], key=rank))
     return wide.sort(pl.col("combination").replace_strict(order, default=len(order)))
 
 
