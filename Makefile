@@ -5,6 +5,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-stamp
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -15,7 +16,12 @@ export PYTHONUNBUFFERED := 1
 $(STAMP): requirements/lock.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip==26.3
-	$(VENV)/bin/python -m pip install -q -c requirements/lock.txt -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -c requirements/lock.txt -e '.[test,dask]'
+	@# The demo's browser test drives the system Chromium (a browser download cannot reach its host here).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { command -v apt-get >/dev/null && $(SUDO) apt-get update -qq && \
+	    $(SUDO) apt-get install -y -qq chromium chromium-driver; } || \
+	  echo "make install: chromium + chromium-driver not installed; tests/test_demo.py's browser test will skip"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,7 @@
-"""Does MCLA / DPFT help? Test WA per combination for plain, no_specific, uniform-DPFT and full MCULoRA.
+"""Methods and ablations on one data tree: test WA per combination, mean +- std over seeds.
+
+Rows: plain, no_specific, uniform-DPFT and full MCULoRA; MPLMM (imer and mult backbones, and
+its type-prompt ablation); Wander (and its rank-one CP ablation); CGGM on MCULoRA / plain.
 
 Trains every (variant, seed) on an already-built project tree (manifest, feature tables
 and splits from `dvc repro` on the default corpus), selects on validation as the train
@@ -29,6 +32,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_specific": {"variant": "no_specific", "dpft": {"mode": "uniform"}},
     "mculora_uniform": {"variant": "mculora", "dpft": {"mode": "uniform"}},
     "mculora": {"variant": "mculora", "dpft": {"mode": "separability"}},
+    "mplmm": {"method": "mplmm"},
+    "mplmm_type_zero": {"method": "mplmm", "mplmm": {"type_prompt_init": "zero"}},
+    "mplmm_mult": {"method": "mplmm", "mplmm": {"backbone": "mult"}},
+    "wander": {"method": "wander"},
+    "wander_cp1": {"method": "wander", "wander": {"cp_rank": 1}},
+    "mculora_cggm": {"variant": "mculora", "cggm": {"enabled": True}},
+    "mculora_uniform_cggm": {"variant": "mculora", "dpft": {"mode": "uniform"}, "cggm": {"enabled": True}},
+    "plain_cggm": {"variant": "plain", "cggm": {"enabled": True}},
 }
 
 
@@ -59,6 +70,7 @@ def run_one(project: str, name: str, seed: int, out_root: str, params_path: str)
     test, val = result["metrics"]["test"]["fixed"], result["metrics"]["val"]["fixed"]
     return {
         "variant": name, "seed": seed, "train_s": t1 - t0, "epochs": summary["epochs_run"],
+        "s_per_epoch": (t1 - t0) / max(1, summary["epochs_run"]), "parameter_counts": summary["parameter_counts"],
         "best_epoch": summary["best_epoch"], "val_mean": val["mean"]["wa"],
         "test": {c: test[c]["wa"] for c in [*COMBINATIONS, "mean"]},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -88,7 +100,8 @@ def main() -> None:
     parser.add_argument("--project", required=True, help="project tree with data/manifest, features, splits")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["plain", "no_specific", "mculora_uniform", "mculora"],
+                        choices=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/variants.json")
     args = parser.parse_args()

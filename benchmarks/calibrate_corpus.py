@@ -5,7 +5,8 @@ crop + HOG; MiniLM sentence embeddings), or with `--real` imer's own extractors
 (their per-clip summary vectors), and a logistic-regression probe with
 leave-one-session-out folds (speaker independent). Prints per-modality and
 concatenated accuracy; the corpus spec wants each single modality in ~40-75 % and
-the concatenation >= 5 points above the best single one.
+the concatenation >= 5 points above the best single one. A profile (`--set profile=realistic`)
+supplies the informativeness knobs; `--set knob=value` overrides one of them.
 
     python benchmarks/calibrate_corpus.py [--corpus data/corpus] [--generate] [--set key=value ...] [--real]
 """
@@ -110,13 +111,17 @@ def main() -> None:
     args = parser.parse_args()
     corpus = Path(args.corpus)
     if args.generate:
-        from pipeline.corpus import generate_corpus
+        from pipeline.corpus import CorpusConfig, generate_corpus
+        from pipeline.corpus.profiles import KNOBS
         from pipeline.core.params import load_params
 
         params = load_params("corpus")
         params.update({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
         params["shifted_domain"] = False
-        generate_corpus(params, corpus)
+        config = CorpusConfig.from_dict(params)
+        print(f"profile {config.profile}: " + ", ".join(f"{k}={getattr(config, k)}" for k in KNOBS)
+              + f"; overrides {config.overrides()}")
+        generate_corpus(config, corpus)
     table = pq.read_table(corpus / "listing.parquet").to_pandas()
     table = table[table.gt_breakage.isna() & (table.domain == "source")].reset_index(drop=True)
     y = table.label.to_numpy()

@@ -30,6 +30,7 @@ DELEGATES: dict[str, tuple[str, str]] = {
     "repro": ("flows.repro", "dvc repro with one local Prefect API for all stages"),
     "predict": ("flows.predict", "predict the emotion of new clips (audio, video, transcript)"),
     "demo": ("flows.demo", "a local web page (127.0.0.1) to try a model on your own clips"),
+    "compare": ("flows.compare", "run a matrix of methods x options x seeds x corpus profiles and compare them"),
     "folds": ("flows.folds", "IEMOCAP leave-one-session-out: run the folds or aggregate their metrics"),
 }
 

@@ -105,7 +105,11 @@ def run_extraction_stage(modality: str, params: dict[str, Any], mapper: Callable
 
 def dask_task_runner(address: str | None, workers: int):
     """A DaskTaskRunner on `address`, or on a LocalCluster of `workers` single-thread processes on 127.0.0.1."""
-    from prefect_dask import DaskTaskRunner
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:  # the Dask stack is an optional extra
+        raise ImportError("orchestration.extraction_runner: dask needs the dask extra: "
+                          "pip install -c requirements/lock.txt -e '.[dask]'") from exc
 
     if address:
         return DaskTaskRunner(address=address)

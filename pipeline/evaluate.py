@@ -55,16 +55,17 @@ def evaluate_model(
                       ("natural", "natural"): np.ones(3, dtype=bool)}
     val_protocols = {**{("fixed", c): m for c, m in fixed.items()}, ("natural", "natural"): np.ones(3, dtype=bool)}
 
-    results, predictions, targets = {}, {}, {}
+    results, predictions, targets, ids = {}, {}, {}, {}
     for split, view, protocols in (("val", val, val_protocols), ("test", test, test_protocols)):
         if len(view) == 0:
             continue
         outputs, empties, target = _one_pass(model, view, protocols, serving, batch_size)
         results[split] = _summarise(outputs, empties, target, data, formable)
         predictions[split], targets[split] = outputs, target
+        ids[split] = view.utterance_id[view.positions]  # (n,) row order of outputs and target
     example = _input_example(val if len(val) else data.subset("train"))
     results["combinations"] = list(formable)  # the combinations scored; the others are not applicable
-    return {"metrics": results, "predictions": predictions, "target": targets, "serving": serving,
+    return {"metrics": results, "predictions": predictions, "target": targets, "ids": ids, "serving": serving,
             "input_example": example}
 
 
@@ -147,6 +148,20 @@ def confusion_labels(result: dict[str, Any], protocol: tuple[str, str]) -> tuple
     return to_class(y), to_class(out[:, 0]), [str(v) for v in range(-3, 4)]
 
 
+def prediction_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per test utterance and fixed/natural protocol: id, target, prediction (class index or score)."""
+    rows = []
+    classify = result["serving"]["task"] == "classification"
+    target = result["target"]["test"]
+    for (protocol, name), out in result["predictions"]["test"].items():
+        if protocol == "random":
+            continue
+        pred = out.argmax(axis=1) if classify else out[:, 0]
+        for uid, y, p in zip(result["ids"]["test"].tolist(), target.tolist(), pred.tolist()):
+            rows.append({"utterance_id": uid, "combination": name, "target": y, "prediction": p})
+    return rows
+
+
 def write_reports(result: dict[str, Any], metrics_path: str | Path, plots_dir: str | Path) -> list[Path]:
     """metrics.json, the DVC plot CSVs and the PNGs; returns the PNG paths."""
     from pipeline.tracking import plots
@@ -158,6 +173,8 @@ def write_reports(result: dict[str, Any], metrics_path: str | Path, plots_dir: s
     per_comb, curve = plots.per_combination_rows(metrics), plots.mr_curve_rows(metrics)
     plots.write_csv(plots_dir / "per_combination.csv", per_comb)
     plots.write_csv(plots_dir / "mr_curve.csv", curve)
+    if "ids" in result:  # per-utterance test predictions: paired tests across runs (imer compare)
+        plots.write_csv(plots_dir / "test_predictions.csv", prediction_rows(result))
     pngs = [plots_dir / "per_combination.png", plots_dir / "mr_curve.png"]
     plots.plot_per_combination(per_comb, primary, pngs[0])
     plots.plot_mr_curve(curve, primary, pngs[1])

@@ -39,23 +39,14 @@ from pipeline.core.hashing import file_digest
 from pipeline.core.modalities import COMBINATIONS, MANIFEST_NAME, MODALITY_ORDER, TABLE_NAME, mask_to_index
 from pipeline.formats.feature_table import read_feature_table
 from pipeline.formats.manifest import read_manifest
-from pipeline.formats.split_store import natural_presence, read_assignment, read_random_masks  # noqa: F401
+from pipeline.formats.split_store import (  # noqa: F401  (re-exported for callers of the stage module)
+    SHIFTED_SPLITS, SOURCE_DOMAIN, SPLITS, check_domain_separation, natural_presence, read_assignment,
+    read_random_masks, row_domains)
 
 SECTION = "splits"
-SPLITS = ("train", "val", "test")
-SHIFTED_SPLITS = ("shifted_adapt", "shifted_test")
-SOURCE_DOMAIN = "source"
 MASKED_SPLITS = ("val", "test", "shifted_test")  # index + 1 = the split's seed stream
 STRATEGIES = ("by_session", "by_speaker", "manifest", "loso")
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-
-
-def row_domains(manifest: pa.Table) -> np.ndarray:
-    """(N,) domain per manifest row; no `domain` column (or a null) means the source domain."""
-    if "domain" not in manifest.column_names:
-        return np.full(manifest.num_rows, SOURCE_DOMAIN, dtype=object)
-    return np.asarray([SOURCE_DOMAIN if d is None else str(d) for d in manifest.column("domain").to_pylist()],
-                      dtype=object)
 
 
 def assign_splits(manifest: pa.Table, params: dict[str, Any]) -> np.ndarray:
@@ -101,24 +92,6 @@ def _assign_shifted(manifest: pa.Table, params: dict[str, Any]) -> np.ndarray:
         raise ValueError(f"shifted sessions {names}: shifted_adapt {adapt} and shifted_test {test} must both be "
                          f"non-empty and cover every shifted session (unassigned: {left})")
     return np.where(np.isin(sessions, adapt), "shifted_adapt", "shifted_test").astype(object)
-
-
-def check_domain_separation(domain: np.ndarray, split: np.ndarray) -> None:
-    """Raise if a shifted-domain row sits in train/val/test, or a source row in a `shifted_*` split.
-
-    The data-leak guard for training: `MultimodalData.load` (or the trainer) calls it with the
-    manifest's domains and the stored assignment, so no shifted row can ever be fitted on.
-    """
-    domain = np.asarray(domain, dtype=object)
-    split = np.asarray(split, dtype=object)
-    shifted = domain != SOURCE_DOMAIN
-    leaked = shifted & np.isin(split, SPLITS)
-    if leaked.any():
-        raise ValueError(f"{int(leaked.sum())} shifted-domain rows are assigned to train/val/test "
-                         f"(first at row {int(np.flatnonzero(leaked)[0])}); re-run the splits stage")
-    stray = ~shifted & np.isin(split, SHIFTED_SPLITS)
-    if stray.any():
-        raise ValueError(f"{int(stray.sum())} source-domain rows are assigned to a shifted split; re-run the splits stage")
 
 
 def _assign_source(manifest: pa.Table, params: dict[str, Any]) -> np.ndarray:

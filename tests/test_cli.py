@@ -20,9 +20,8 @@ def test_version_and_top_level_help_list_every_command(capsys):
     assert capsys.readouterr().out.strip() == f"imer {cli.version()}"
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in [*STAGE_MODULES, "servers", "repro", "predict", "demo", "folds"]:
+    for name in [*STAGE_MODULES, "servers", "repro", "predict", "demo", "compare", "folds"]:
         assert name in out
-    assert "compare" not in out  # nothing implements it: no placeholder command
 
 
 @pytest.mark.parametrize("stage", ["ingest", "train", "register"])
@@ -33,7 +32,8 @@ def test_each_stage_has_its_own_help(stage, capsys):
 
 
 @pytest.mark.parametrize("tool, expect", [("servers", "{start,stop,status}"), ("folds", "{aggregate,run}"),
-                                          ("repro", "passed to `dvc repro`")])
+                                          ("repro", "passed to `dvc repro`"), ("demo", "--port"),
+                                          ("compare", "--spec")])
 def test_tools_answer_their_own_help(tool, expect, capsys):
     assert cli.main([tool, "--help"]) == 0
     out = capsys.readouterr().out

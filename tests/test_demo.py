@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage"]
+         "--disable-dev-shm-usage",
+         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]  # a fake microphone for Record
 
 
 def test_api_contract_with_a_plain_predict_function():
@@ -160,3 +161,20 @@ def test_headless_browser_gets_the_emotion_of_uploaded_clips(tiny, demo_url, bro
     for family in ("audio", "video"):
         state, line = text_only["modalities"][family]
         assert state == "missing" and line.startswith(f"{family}: not used (")
+
+
+@pytest.mark.slow
+def test_recorded_audio_is_used(tiny, demo_url, browser):
+    """Record (Chromium's fake microphone, encoded to WAV in the page) and predict: the audio is used."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(demo_url)
+    browser.find_element(By.ID, "record").click()
+    WebDriverWait(browser, 30).until(ec.text_to_be_present_in_element((By.ID, "recstate"), "recorded"))
+    browser.find_element(By.ID, "predict").click()
+    WebDriverWait(browser, 240).until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
+    audio = browser.find_element(By.ID, "mod-audio")
+    assert audio.get_attribute("class") == "used", audio.text
+    assert browser.find_element(By.ID, "combination").text == "modalities used: a"

@@ -1,20 +1,16 @@
 """MPLMMNet invariants (both backbones): absent inputs never read, mixed = per-combination batches,
-stage freezing, checkpoint round trip, parameter-count formulas, type prompts that (do not) train,
-and the eta / complete-rows samplers."""
+stage freezing, checkpoint round trip, parameter-count formulas, type prompts that (do not) train.
+Training through the trainer: tests/test_mplmm_train.py; the samplers: tests/test_eta_sampler.py."""
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
 
-from pipeline.core.modalities import COMBINATIONS, MASKS, mask_to_index
+from pipeline.core.modalities import MASKS
 from pipeline.methods import MCULoRANet, ModelConfig, load_model, save_model, task_loss
 from pipeline.methods.mplmm import MPLMMNet
 from pipeline.methods.mplmm_options import DEFAULTS, resolve_options
 from pipeline.methods.registry import build_network
-from pipeline.training.eta_sampler import CompleteRowsSampler, EtaDropoutSampler
 
 DIMS = {"a": 5, "t": 7, "v": 3}
 LENS = {"a": 6, "t": 4, "v": 5}
@@ -300,7 +296,7 @@ def test_params_yaml_shows_the_defaults():
 
 @pytest.mark.parametrize("readout", ["mean", "prompt"])
 def test_last_layer_equals_the_full_layer_at_the_kept_positions(readout):
-    from pipeline.methods.mplmm import last_layer
+    from pipeline.methods.imer_backbone import last_layer
 
     net = tiny_net("imer")
     layer = net.encoders["t"].layers[-1]
@@ -309,107 +305,15 @@ def test_last_layer_equals_the_full_layer_at_the_kept_positions(readout):
     torch.testing.assert_close(last_layer(layer, x, valid, keep), layer(x, valid)[:, keep], rtol=1e-5, atol=1e-6)
 
 
-def test_eta_sampler_drops_proper_subsets_at_the_promised_rate():
-    natural = np.ones((4000, 3), dtype=bool)
-    natural[:500, 2] = False  # some "at" rows
-    natural[500:600] = [False, True, False]  # text only: nothing to drop
-    for eta in (0.3, 0.7):
-        sampler = EtaDropoutSampler(natural, 64, seed=1, eta=eta)
-        keys = list(iter(sampler))
-        index = np.concatenate([k.index for k in keys])
-        masks = np.concatenate([k.mask for k in keys])
-        assert sorted(index) == list(range(4000))
-        nat = natural[index]
-        assert not (masks & ~nat).any() and masks.any(axis=1).all()  # subsets, never empty
-        complete = nat.all(axis=1)
-        assert abs(1 - masks[complete].mean() - 0.5 * eta) < 0.03  # a complete row loses 1.5 eta of 3
-        assert (masks[(nat == [False, True, False]).all(axis=1)] == [False, True, False]).all()
-        assert sum(sampler.last_counts.values()) == 4000
-    again = EtaDropoutSampler(natural, 64, seed=1, eta=0.7)
-    assert all((a.mask == b.mask).all() and (a.index == b.index).all()
-               for a, b in zip(again.draw_epoch(3), EtaDropoutSampler(natural, 64, 1, eta=0.7).draw_epoch(3)))
-
-
-def test_eta_sampler_respects_formable_combinations_and_complete_rows():
-    natural = np.ones((300, 3), dtype=bool)
-    natural[:100, 0] = False
-    allowed = np.array([c in ("t", "v", "tv") for c in COMBINATIONS])  # a dataset without audio
-    masks = np.concatenate([k.mask for k in EtaDropoutSampler(natural, 32, 0, allowed=allowed).draw_epoch(0)])
-    assert allowed[mask_to_index(masks)].all()
-    complete = CompleteRowsSampler(natural, 32, 0)
-    keys = complete.draw_epoch(0)
-    assert sorted(np.concatenate([k.index for k in keys])) == list(range(100, 300))
-    assert all(k.mask.all() for k in keys)
-    only_tv = CompleteRowsSampler(natural, 32, 0, allowed=allowed)  # complete = every formable modality
-    assert len(np.concatenate([k.index for k in only_tv.draw_epoch(0)])) == 300
-    with pytest.raises(ValueError, match="stage1_sampler"):
-        CompleteRowsSampler(natural[:100], 32, 0)
-
-
-# ---------------------------------------------------------------------------- end to end (trainer)
-@pytest.fixture(scope="module")
-def split_data(tmp_path_factory):
-    from pipeline.splits import build_splits
-    from tests.factories import make_feature_dataset
-
-    root = tmp_path_factory.mktemp("mplmm")
-    manifest, features = make_feature_dataset(root, n=160, missing_share=0.1, seed=4)
-    build_splits(manifest, features, root / "splits", {"seed": 1})
-    return manifest, features, root / "splits"
-
-
-def train_params(backbone: str, out_dir, **opts) -> dict:
-    return {"seed": 3, "method": "mplmm", "max_epochs": 2, "stage1_epochs": 2, "patience": 2, "batch_size": 32,
-            "lr": 3e-3, "out_dir": str(out_dir), "mlflow": {"enabled": False},
-            "model": {"d_model": 16, "d_fusion": 24, "n_heads": 2},
-            "mplmm": {"backbone": backbone, "prompt_length": 4, "mult": MULT, **opts}}
-
-
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_training_runs_both_stages_and_reuses_stage1(split_data, tmp_path, backbone):
-    from pipeline.train import train_model
-    from pipeline.training.data import MultimodalData
-
-    data = MultimodalData.load(*split_data, include=("train", "val"))
-    params = train_params(backbone, tmp_path, lambda_gen=0.1)
-    summary = train_model(data, params, tmp_path)
-    assert [s["name"] for s in summary["stages"]] == ["stage1", "stage2"]
-    assert [s["sampler"] for s in summary["stages"]] == ["complete", "eta"]
-    counts = summary["parameter_counts"]
-    assert counts["stage1"]["trainable"] == counts["stage1"]["backbone"] + counts["stage1"]["input_proj"] \
-        + counts["stage1"]["head"]
-    assert counts["stage2"]["trainable"] == counts["stage2"]["total"] - counts["stage2"]["backbone"]
-    assert set(summary["best_val"]) == set(COMBINATIONS) and summary["best_val_mean"] is not None
-    history = json.loads((tmp_path / "reports" / "train_history.json").read_text())
-    stage2 = [h for h in history if h["stage"] == "stage2"]
-    assert stage2 and all(h["train/l_gen"] > 0 for h in stage2)  # the generation loss reached the trainer
-    assert all(h["train/draws/atv"] == sum(h[f"train/draws/{c}"] for c in COMBINATIONS)
-               for h in history if h["stage"] == "stage1")  # stage 1: complete rows only
-    model, extra = load_model(tmp_path / "models" / "model.pt")
-    assert isinstance(model, MPLMMNet) and model.options["backbone"] == backbone and extra["method"] == "mplmm"
-    # the same run again restores stage 1 from the stage cache and ends with the same weights
-    again = train_model(MultimodalData.load(*split_data, include=("train", "val")), params, tmp_path)
-    assert again["stages"][0]["restored_from"] and not summary["stages"][0]["restored_from"]
-    reloaded, _ = load_model(tmp_path / "models" / "model.pt")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
-
-
-def test_stage1_from_a_stored_model_skips_stage1(split_data, tmp_path):
-    from pipeline.train import train_model
-    from pipeline.training.data import MultimodalData
-
-    load = lambda: MultimodalData.load(*split_data, include=("train", "val"))  # noqa: E731
-    train_model(load(), train_params("imer", tmp_path / "a"), tmp_path / "a")
-    source, _ = load_model(tmp_path / "a" / "models" / "model.pt")
-    params = train_params("imer", tmp_path / "b", stage1_from=str(tmp_path / "a" / "models" / "model.pt"))
-    summary = train_model(load(), params, tmp_path / "b")
-    assert [s["name"] for s in summary["stages"]] == ["stage2"]
-    model, _ = load_model(tmp_path / "b" / "models" / "model.pt")
-    frozen = [k for k in model.state_dict() if model.group_of(k) == "backbone" and k in dict(model.named_parameters())]
-    assert frozen and all(torch.equal(model.state_dict()[k], source.state_dict()[k]) for k in frozen)
-    bad = MPLMMNet(tiny_config("imer"))
-    with pytest.raises(ValueError, match="hashes"):
-        bad.load_stage1(str(tmp_path / "a" / "models" / "model.pt"), {"splits_hash": "other"})
-    stored = torch.load(tmp_path / "a" / "models" / "model.pt", weights_only=True)["extra"]["provenance"]
-    with pytest.raises(ValueError, match="no imer backbone of this shape"):
-        bad.load_stage1(str(tmp_path / "a" / "models" / "model.pt"), stored)  # d_model 8 vs the stored 16
+@pytest.mark.parametrize("frozen_dropout", [False, True])
+def test_stage2_frozen_backbone_runs_in_eval_mode_unless_asked(backbone, frozen_dropout):
+    net = tiny_net(backbone, frozen_dropout=frozen_dropout)
+    net.set_stage("stage2")
+    net.train()
+    frozen = (list(net.encoders["a"].layers.modules()) if backbone == "imer"
+              else list(net.mult.memory.modules()) + [net.mult.out_drop])
+    assert all(m.training == frozen_dropout for m in frozen)
+    assert net.prompts.training and (net.drop if backbone == "imer" else net.mult.proj).training
+    net.set_stage("stage1")
+    assert all(m.training for m in frozen)  # stage 1 trains the backbone: dropout on

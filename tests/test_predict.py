@@ -185,3 +185,18 @@ def test_feature_rows_and_media_rows_give_the_same_prediction(tiny):
     cols = [f"prob_{c}" for c in extra["classes"]]
     assert by_media[cols].to_numpy() == pytest.approx(by_rows[cols].to_numpy(), abs=1e-6)
     assert torch.is_grad_enabled()  # routing's no_grad does not leak
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="no ffmpeg: audio inside a video is reported as no_audio_decoder")
+def test_audio_inside_an_mp4_is_used_when_a_decoder_is_installed(tiny, tmp_path):
+    import subprocess
+
+    clips = clip_files(tiny, 0)
+    muxed = tmp_path / "with_audio.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(clips["video"]), "-i", str(clips["audio"]),
+                    "-c:v", "copy", "-c:a", "aac", "-shortest", str(muxed)], check=True)
+    out = tmp_path / "p.json"
+    assert main(["--model", str(tiny["model"]), "--features-dir", str(tiny["features"]),
+                 "--video", str(muxed), "--out", str(out)]) == 0
+    row = json.loads(out.read_text())[0]
+    assert row["audio_status"] == "present" and row["combination"] == "av"

@@ -56,4 +56,7 @@ def test_server_hands_out_one_scheduled_run_at_a_time(prefect_api):  # noqa: F81
             assert deployment.work_queue_name == "checkout"
             runs.append(client.create_flow_run_from_deployment(deployment.id).id)
         handed = client.get_scheduled_flow_runs_for_work_pool("cpu", work_queue_names=["checkout"])
-    assert len([r for r in handed if r.flow_run.id in runs]) == 1
+        assert len([r for r in handed if r.flow_run.id in runs]) == 1
+        client.update_work_queue(queue.id, concurrency_limit=None)  # control: without the limit both are due
+        unlimited = client.get_scheduled_flow_runs_for_work_pool("cpu", work_queue_names=["checkout"])
+    assert len([r for r in unlimited if r.flow_run.id in runs]) == 2

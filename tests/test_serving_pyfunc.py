@@ -9,26 +9,21 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from pipeline.methods.checkpoint import load_model
 from pipeline.methods.routing import serving_info
-from pipeline.serving.predict import Predictor, frame_from_arrays
+from pipeline.serving.predict import Predictor
 from pipeline.serving.recipes import model_recipes
-from tests.serving_factory import clip_files, shared_tiny_model
+from tests.serving_factory import clip_files, free_port, log_tiny_model, post, serve, shared_tiny_model, stop
 
 NAME = "imer-tiny"
 
@@ -36,34 +31,12 @@ NAME = "imer-tiny"
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """The tiny model logged with `log_pyfunc_model` into a fresh store and registered as champion."""
-    from mlflow import MlflowClient
-
-    from pipeline.tracking.pyfunc import log_pyfunc_model
-    from pipeline.tracking.runs import fluent_uri
-
     tiny = shared_tiny_model(tmp_path_factory)
-    root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    store = log_tiny_model(tiny, tmp_path_factory.mktemp("store"), NAME)
     model, extra = load_model(tiny["model"])
-    cfg = model.config
-    feats = {m: np.random.default_rng(0).normal(size=(2, cfg.seq_lens[m], cfg.input_dims[m])) for m in "atv"}
-    example = frame_from_arrays(feats, {m: np.array([3, 2]) for m in "atv"}, np.array([[1, 1, 1], [0, 1, 0]], bool))
-    serving = serving_info(extra["task"], extra["classes"], extra["prior"])
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp = client.create_experiment("serving", artifact_location=str(root / "artifacts"))
-    with fluent_uri(uri), mlflow.start_run(experiment_id=exp) as run, tempfile.TemporaryDirectory() as tmp:
-        info = log_pyfunc_model(tiny["model"], serving, example, tmp, features_dir=tiny["features"])
-    version = client.create_model_version(NAME, info.model_uri, run.info.run_id) \
-        if client.search_registered_models(f"name='{NAME}'") else None
-    if version is None:
-        client.create_registered_model(NAME)
-        version = client.create_model_version(NAME, info.model_uri, run.info.run_id)
-    client.set_registered_model_alias(NAME, "champion", version.version)
-    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(root / "model_copy"),
-                                                     tracking_uri=uri))
-    direct = Predictor(model, serving, model_recipes(extra, tiny["features"]), extra["feature_config_hashes"])
-    return {**tiny, "uri": uri, "model_uri": info.model_uri, "local": local, "example": example,
-            "direct": direct, "classes": extra["classes"]}
+    direct = Predictor(model, serving_info(extra["task"], extra["classes"], extra["prior"]),
+                       model_recipes(extra, tiny["features"]), extra["feature_config_hashes"])
+    return {**tiny, **store, "direct": direct, "classes": extra["classes"]}
 
 
 def _media_rows(clips: dict[str, Path]) -> pd.DataFrame:
@@ -117,61 +90,17 @@ def test_imer_predict_defaults_to_the_registered_champion(logged, tmp_path):
     assert row["combination"] == "at" and row["video_status"] == "no_path"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(port: int, payload: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(payload).encode(),
-                                 {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def serve(model_uri: str, tracking_uri: str, port: int, log: Path) -> subprocess.Popen:
-    """`mlflow models serve` in its own process group, answering on 127.0.0.1:`port` (waits for /ping)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).close()
-            return proc
-        except OSError:
-            time.sleep(0.5)
-    stop(proc)
-    raise TimeoutError(f"mlflow models serve not up after 180 s: {log.read_text()[-2000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """End the server we started: its own process group (the CLI and its uvicorn child), by pid."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.mark.slow  # starts a real server (~30-60 s on the shared box)
 def test_mlflow_models_serve_answers_a_raw_media_post(logged, tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = serve(f"models:/{NAME}@champion", logged["uri"], port, tmp_path / "serve.log")
     try:
         clips = clip_files(logged, 6)
         media = _media_rows(clips).iloc[:2]
-        got = _post(port, {"dataframe_records": json.loads(media.to_json(orient="records"))})["predictions"]
+        got = post(port, {"dataframe_records": json.loads(media.to_json(orient="records"))})["predictions"]
         assert [p["combination"] for p in got] == ["at", "v"]
         assert got[0]["label"] in logged["classes"] and got[0]["audio_status"] == "present"
-        feats = _post(port, {"dataframe_split": json.loads(logged["example"].to_json(orient="split"))})["predictions"]
+        feats = post(port, {"dataframe_split": json.loads(logged["example"].to_json(orient="split"))})["predictions"]
         assert [p["combination"] for p in feats] == ["atv", "t"]
     finally:
         stop(proc)

@@ -30,7 +30,7 @@ from pipeline.formats.manifest import read_manifest
 from pipeline.formats.split_store import read_assignment
 from pipeline.methods.checkpoint import load_model, save_model
 from pipeline.methods.routing import model_modalities, serving_info
-from pipeline.splits import SHIFTED_SPLITS, SOURCE_DOMAIN, row_domains
+from pipeline.formats.split_store import SHIFTED_SPLITS, SOURCE_DOMAIN, row_domains
 from pipeline.training.data import MultimodalData, feature_statistics
 
 

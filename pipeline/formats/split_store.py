@@ -17,6 +17,10 @@ from pipeline.core.hashing import file_digest
 from pipeline.core.modalities import MANIFEST_NAME, MODALITY_ORDER, TABLE_NAME
 from pipeline.formats.feature_table import read_feature_table
 
+SPLITS = ("train", "val", "test")  # the source domain's splits
+SHIFTED_SPLITS = ("shifted_adapt", "shifted_test")  # a shifted domain: unlabelled pool, and its test set
+SOURCE_DOMAIN = "source"
+
 
 def natural_presence(manifest: pa.Table, features_dir: str | Path) -> tuple[np.ndarray, dict[str, dict]]:
     """(N, 3) bool presence in manifest order: row present in the feature table AND not missing at ingest."""
@@ -59,3 +63,29 @@ def read_random_masks(splits_dir: str | Path, split: str) -> dict[float, tuple[n
     ids = np.asarray(tbl.column("utterance_id").to_pylist(), dtype=object)
     mask = np.stack([tbl.column(m).to_numpy(zero_copy_only=False) for m in MODALITY_ORDER], axis=1).astype(bool)
     return {float(r): (ids[mr == r], mask[mr == r]) for r in np.unique(mr)}
+
+
+def row_domains(manifest: pa.Table) -> np.ndarray:
+    """(N,) domain per manifest row; no `domain` column (or a null) means the source domain."""
+    if "domain" not in manifest.column_names:
+        return np.full(manifest.num_rows, SOURCE_DOMAIN, dtype=object)
+    return np.asarray([SOURCE_DOMAIN if d is None else str(d) for d in manifest.column("domain").to_pylist()],
+                      dtype=object)
+
+
+def check_domain_separation(domain: np.ndarray, split: np.ndarray) -> None:
+    """Raise if a shifted-domain row sits in train/val/test, or a source row in a `shifted_*` split.
+
+    The data-leak guard for training: `MultimodalData.load` (or the trainer) calls it with the
+    manifest's domains and the stored assignment, so no shifted row can ever be fitted on.
+    """
+    domain = np.asarray(domain, dtype=object)
+    split = np.asarray(split, dtype=object)
+    shifted = domain != SOURCE_DOMAIN
+    leaked = shifted & np.isin(split, SPLITS)
+    if leaked.any():
+        raise ValueError(f"{int(leaked.sum())} shifted-domain rows are assigned to train/val/test "
+                         f"(first at row {int(np.flatnonzero(leaked)[0])}); re-run the splits stage")
+    stray = ~shifted & np.isin(split, SHIFTED_SPLITS)
+    if stray.any():
+        raise ValueError(f"{int(stray.sum())} source-domain rows are assigned to a shifted split; re-run the splits stage")

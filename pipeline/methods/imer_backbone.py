@@ -11,10 +11,11 @@ from pipeline.methods.encoders import EncoderLayer, masked_mean
 
 
 def imer_fuse(net: nn.Module, tokens: dict[str, torch.Tensor], valid: dict[str, torch.Tensor],
-          type_tokens: torch.Tensor | None, entered: torch.Tensor, readout: str
-          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The project's encoder layers per modality (+ P type-prompt tokens, no position), fusion, head.
-    Rows where m did not enter (imer stage 1) are skipped and get h_m = 0, as in MCULoRANet."""
+              type_tokens: torch.Tensor | None, entered: torch.Tensor, readout: str
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The project's encoder layers per modality (+ P type-prompt tokens (3, B, P, D), no position), fusion,
+    head -> (prediction, pooled h_m). Rows where m did not enter (`entered` (B, 3); imer stage 1) are
+    skipped and get h_m = 0, as in MCULoRANet."""
     hs, pooled = [], {}
     for j, m in enumerate(MODALITY_ORDER):
         enc, T = net.encoders[m], tokens[m].shape[1]

@@ -27,6 +27,7 @@ from pipeline.methods.mplmm_options import STAGE2_SAMPLER_KEY, resolve_options
 from pipeline.methods.mult import MulTBackbone
 from pipeline.methods.prompts import PromptBank
 
+
 class MPLMMNet(nn.Module):
     STAGES = ("stage1", "stage2")
 
@@ -232,7 +233,9 @@ class MPLMMNet(nn.Module):
         if theirs != provenance:
             raise ValueError(f"train.mplmm.stage1_from={path}: its feature/split hashes {theirs} differ from this "
                              f"run's {provenance}; retrain stage 1 (stage1_from: null)")
-        own = {k: v for k, v in self.state_dict().items() if not k.startswith("prompts.")}
+        skip = ("input_proj",) if self.options["reinit_input_proj"] else ()  # set_stage re-initialised them
+        own = {k: v for k, v in self.state_dict().items()
+               if not k.startswith("prompts.") and self.group_of(k) not in skip}
         found = {k: v for k, v in stored["state_dict"].items() if k in own and v.shape == own[k].shape}
         if set(found) != set(own):
             raise ValueError(f"train.mplmm.stage1_from={path}: no {self.backbone} backbone of this shape "

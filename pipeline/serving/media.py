@@ -5,8 +5,9 @@ clip that cannot be used gets the same named reason (`features.workers.to_outcom
 classifies results exactly as the stages do; `pipeline.core.media_paths` names absent
 or unreadable files). Nothing here raises for one bad file: it becomes that
 modality's `status` for that utterance. Extra reasons, for what only prediction meets:
-`no_path` (not given, as in the manifest), `not_used_by_model`, `no_audio_decoder` /
-`no_audio_track` (audio wanted from a video container).
+`no_path` (not given, as in the manifest), `not_used_by_model`, `invalid_base64` (served
+bytes that do not decode), `no_audio_decoder` / `no_audio_track` (audio wanted from a
+video container).
 
 Audio inside a video: used when no audio file is given. soundfile and OpenCV cannot
 decode audio in an .mp4; an `ffmpeg` executable on PATH can, and without one the

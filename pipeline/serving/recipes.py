@@ -51,7 +51,10 @@ def build_checked(recipes: Mapping[str, Mapping[str, Any]], hashes: Mapping[str,
             raise RecipeMismatch(f"modality {m!r}: recipe is for {name!r}, expected {TABLE_NAME[m]!r}")
         ext = build_extractor(name, config)
         want = hashes.get(m)
-        if want and ext.config_hash != want:
+        if not want:
+            raise RecipeMismatch(f"{name} extractor: the model records no config hash for it, so features made now "
+                                 "cannot be checked against the ones it was trained on")
+        if ext.config_hash != want:
             raise RecipeMismatch(
                 f"{name} extractor: config hash {ext.config_hash} differs from {want}, the one the model was trained on "
                 f"(recipe version {recipes[m].get('version')}, this code's version {ext.version}); features made now "
@@ -70,7 +73,7 @@ def recipes_from_tables(features_dir: str | Path, hashes: Mapping[str, str | Non
         if not path.exists():
             continue
         meta = read_feature_table(path, memory_map=True).meta
-        if meta.get("extractor") and (not hashes.get(m) or meta.get("config_hash") == hashes.get(m)):
+        if meta.get("extractor") and hashes.get(m) and meta.get("config_hash") == hashes.get(m):
             found[m] = dict(meta["extractor"])
     return found
 

@@ -18,7 +18,7 @@ from pipeline.core.modalities import MASKS, MODALITY_ORDER, TABLE_NAME, mask_to_
 from pipeline.formats.feature_table import read_feature_table
 from pipeline.formats.manifest import read_manifest
 from pipeline.core.hashing import file_digest
-from pipeline.formats.split_store import natural_presence, read_assignment
+from pipeline.formats.split_store import check_domain_separation, natural_presence, read_assignment, row_domains
 
 
 @dataclass
@@ -65,6 +65,7 @@ class MultimodalData:
             raise ValueError(f"{splits_dir}: split assignment does not match {manifest} "
                              f"({len(split_of)} vs {len(ids_all)} utterances); re-run the splits stage")
         split_all = np.asarray([split_of[u] for u in ids_all.tolist()], dtype=object).astype(str)
+        check_domain_separation(row_domains(table), split_all)  # no shifted-domain row in train/val/test
         keep = np.flatnonzero(np.isin(split_all, list(include)))
         ids = ids_all[keep]
         task = meta.get("task", "classification")

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from pipeline.core.metrics import best_index, direction, selection_metric
 from pipeline.core.modalities import COMBINATIONS, formable_combinations
 from pipeline.core.params import config_hash
+from pipeline.formats.split_store import SHIFTED_SPLITS
 from pipeline.methods import ModelConfig, save_model
 from pipeline.methods.registry import build_network
 from pipeline.training import reports
@@ -77,9 +78,11 @@ def as_config(cfg: TrainConfig | Mapping[str, Any]) -> TrainConfig:
 def training_views(data: MultimodalData) -> tuple[MultimodalData, MultimodalData]:
     """The train and val views; a test row in either is a hard error (never an assert: -O keeps it)."""
     train, val = data.subset("train"), data.subset("val")
-    leaked = int(np.isin("test", train.view_split())) + int(np.isin("test", val.view_split()))
+    held_out = ("test", *SHIFTED_SPLITS)  # the source test split and every shifted-domain row
+    leaked = np.isin(train.view_split(), held_out).any() or np.isin(val.view_split(), held_out).any()
     if leaked:
-        raise TestRowsInTraining("training was handed test rows; load data with include=('train', 'val')")
+        raise TestRowsInTraining("training was handed test or shifted-domain rows; load data with "
+                                 "include=('train', 'val')")
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"train needs non-empty train and val splits (got {len(train)} / {len(val)})")
     return train, val

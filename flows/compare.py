@@ -1,0 +1,258 @@
+"""`imer compare`: one command for a matrix of methods x options x seeds x corpus profiles.
+
+The matrix is declared in a small YAML file (default `compare.yaml`). Each profile's data
+(corpus, ingest, extraction, splits) is built once; each cell (row x seed x profile) is one
+run of the `train` and `evaluate` stages, the same `imer <stage>` commands DVC runs (inside
+their Prefect flows unless Prefect is off), in its own folder with its own params.yaml whose
+data paths point at the profile's data. Cells run in parallel (`jobs`); a finished cell is
+never recomputed: its folder is keyed by the hash of its train/evaluate params and of the
+data it reads, and holds `cell.json` once done. A failed cell is recorded (`failed.json`,
+log tail) and reported; the other cells go on, and the next invocation retries only it.
+The report (reports/compare.json as DVC metrics, compare.md, compare.html) and an MLflow
+parent run with one child run per cell come from pipeline/tracking/compare_report.py.
+
+    imer compare [--spec compare.yaml] [--jobs N] [--params params.yaml] [--no-report]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.core.atomic import write_json
+from pipeline.core.hashing import config_hash
+from pipeline.core.params import load_all_params
+
+DATA_STAGES = ("corpus", "ingest", "extract_acoustic", "extract_visual", "extract_textual", "splits")
+CELL_STAGES = ("train", "evaluate")
+LOG_TAIL = 4000  # characters of a failed command's output kept in failed.json
+
+
+@dataclass
+class Spec:
+    """The declared matrix (compare.yaml)."""
+
+    rows: dict[str, dict[str, Any]]  # row name -> dotted params it sets
+    seeds: list[int]
+    profiles: list[str]
+    common: dict[str, Any] = field(default_factory=dict)  # dotted params of every cell and profile
+    baselines: list[str] = field(default_factory=list)  # rows every other row is tested against
+    jobs: int = 2
+    out_dir: str = "runs/compare"
+    report_dir: str = "reports"
+    prefect: bool | None = None  # None = params.yaml orchestration.prefect
+    mlflow: dict[str, Any] = field(default_factory=dict)  # tracking_uri, experiment (empty = off)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Spec":
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        rows = {str(r["name"]): dict(r.get("set") or {}) for r in raw.get("rows", [])}
+        if not rows or not raw.get("seeds"):
+            raise ValueError(f"{path}: needs `rows` (name + set) and `seeds`")
+        spec = cls(rows=rows, seeds=[int(s) for s in raw["seeds"]], profiles=list(raw.get("profiles") or ["balanced"]),
+                   common=dict(raw.get("set") or {}), baselines=list(raw.get("baselines") or []),
+                   jobs=int(raw.get("jobs", 2)), out_dir=str(raw.get("out_dir", "runs/compare")),
+                   report_dir=str(raw.get("report_dir", "reports")), prefect=raw.get("prefect"),
+                   mlflow=dict(raw.get("mlflow") or {}))
+        unknown = [b for b in spec.baselines if b not in rows]
+        if unknown:
+            raise ValueError(f"{path}: baselines {unknown} are not rows ({', '.join(rows)})")
+        return spec
+
+
+@dataclass
+class Cell:
+    row: str
+    seed: int
+    profile: str
+    key: str = ""
+    folder: Path = Path(".")
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.profile}/{self.row}/seed{self.seed}"
+
+
+def set_dotted(params: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of `params` with `a.b.c: value` entries applied (missing levels created)."""
+    out = copy.deepcopy(params)
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def profile_params(base: dict[str, Any], spec: Spec, profile: str) -> dict[str, Any]:
+    return set_dotted(set_dotted(base, spec.common), {"corpus.profile": profile})
+
+
+def data_key(params: dict[str, Any]) -> str:
+    """Hash of what the profile's data depends on (workers change no byte, so they are left out)."""
+    sections = {s: {k: v for k, v in params.get(s, {}).items() if k != "workers"} for s in DATA_STAGES}
+    return config_hash(sections)
+
+
+def cell_params(params: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """The cell's params: data paths point at the profile's data; outputs and MLflow stay in the cell."""
+    data_paths = {"manifest": data_dir / params["ingest"]["out"], "features_dir": data_dir / "data/features",
+                  "splits_dir": data_dir / params["splits"]["out_dir"]}
+    out = copy.deepcopy(params)
+    for section in CELL_STAGES:
+        out[section].update({k: str(v) for k, v in data_paths.items() if k in out[section]})
+    out["train"]["out_dir"] = "."
+    out["train"].setdefault("mlflow", {})["enabled"] = False  # the report logs cells as child runs
+    out["evaluate"]["log_mlflow"] = False
+    return out
+
+
+def cell_key(params: dict[str, Any], data_hash: str) -> str:
+    return config_hash({"train": params["train"], "evaluate": params["evaluate"], "data": data_hash})
+
+
+def _imer() -> list[str]:
+    exe = Path(sys.executable).with_name("imer")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
+
+
+def run_imer(stages: tuple[str, ...], cwd: Path, prefect: bool, env: dict[str, str]) -> tuple[int, str, float]:
+    """`imer <stages> --params params.yaml` in `cwd`; (exit code, output tail, seconds)."""
+    argv = [*_imer(), *stages, "--params", "params.yaml"] + ([] if prefect else ["--no-prefect"])
+    started = time.perf_counter()
+    with open(cwd / "log.txt", "w") as log:
+        rc = subprocess.call(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return rc, (cwd / "log.txt").read_text(errors="replace")[-LOG_TAIL:], time.perf_counter() - started
+
+
+def prepare_data(params: dict[str, Any], out_dir: Path, profile: str, prefect: bool, env: dict[str, str]) -> Path:
+    """Build (once) the profile's corpus, features and splits in out_dir/data/<profile>-<key>/."""
+    key = data_key(params)
+    folder = out_dir / "data" / f"{profile}-{key[:12]}"
+    if (folder / "data.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rc, tail, seconds = run_imer(DATA_STAGES, folder, prefect, env)
+    if rc != 0:
+        raise RuntimeError(f"imer compare: data of profile {profile} failed (exit {rc}); "
+                           f"see {folder / 'log.txt'}:\n{tail[-1500:]}")
+    write_json(folder / "data.json", {"profile": profile, "key": key, "seconds": round(seconds, 1)})
+    return folder
+
+
+def plan_cells(base: dict[str, Any], spec: Spec, data_dirs: dict[str, Path], out_dir: Path) -> list[Cell]:
+    cells = []
+    for profile in spec.profiles:
+        prof = profile_params(base, spec, profile)
+        data_hash = json.loads((data_dirs[profile] / "data.json").read_text())["key"]
+        for row, dotted in spec.rows.items():
+            for seed in spec.seeds:
+                params = cell_params(set_dotted(prof, {**dotted, "train.seed": seed}), data_dirs[profile].resolve())
+                key = cell_key(params, data_hash)
+                cells.append(Cell(row, seed, profile, key, out_dir / "cells" / key[:16], params))
+    return cells
+
+
+def run_cell(cell: Cell, prefect: bool, env: dict[str, str]) -> dict[str, Any]:
+    """Train and evaluate one cell unless it is already done; its record (also cell.json / failed.json)."""
+    done = cell.folder / "cell.json"
+    if done.exists():
+        return {**json.loads(done.read_text()), "computed": False}
+    if cell.folder.exists():
+        shutil.rmtree(cell.folder)  # a failed or interrupted attempt: start clean
+    cell.folder.mkdir(parents=True)
+    (cell.folder / "params.yaml").write_text(yaml.safe_dump(cell.params, sort_keys=False))
+    record = {"cell": cell.name, "row": cell.row, "seed": cell.seed, "profile": cell.profile, "key": cell.key,
+              "folder": str(cell.folder)}
+    rc, tail, seconds = run_imer(CELL_STAGES, cell.folder, prefect, env)
+    record["seconds"] = round(seconds, 2)
+    if rc != 0:
+        record.update(status="failed", exit_code=rc, log_tail=tail)
+        write_json(cell.folder / "failed.json", record)
+        return {**record, "computed": True}
+    record["status"] = "ok"
+    write_json(done, record)
+    return {**record, "computed": True}
+
+
+def run_matrix(spec: Spec, params_paths: list[str], jobs: int | None = None) -> list[dict[str, Any]]:
+    """Every cell's record, in declaration order; data first (once per profile), then cells in parallel."""
+    from flows.settings import prefect_enabled
+
+    base = load_all_params(params_paths)
+    out_dir = Path(spec.out_dir)
+    prefect = prefect_enabled(params_paths[0]) if spec.prefect is None else bool(spec.prefect)
+    env = {**os.environ}
+    if not prefect:
+        env["IMER_NO_PREFECT"] = "1"
+    with _prefect_api(prefect, out_dir, env):
+        data_dirs = {p: prepare_data(profile_params(base, spec, p), out_dir, p, prefect, env) for p in spec.profiles}
+        cells = plan_cells(base, spec, data_dirs, out_dir)
+        with ThreadPoolExecutor(max_workers=max(1, jobs or spec.jobs)) as pool:  # each cell is its own process
+            return list(pool.map(lambda c: run_cell(c, prefect, env), cells))
+
+
+class _prefect_api:
+    """One local Prefect server for all cells (as `imer repro`), unless Prefect is off or already set."""
+
+    def __init__(self, prefect: bool, out_dir: Path, env: dict[str, str]) -> None:
+        self.active = prefect and not env.get("PREFECT_API_URL")
+        self.run_dir, self.env = out_dir / "run", env
+
+    def __enter__(self) -> None:
+        if self.active:
+            from flows.repro import prefect_home
+            from flows.servers import free_port, prefect_spec, start_server
+
+            spec = prefect_spec(free_port(), prefect_home(), scheduler=False)
+            spec.name = "prefect-compare"
+            self.env["PREFECT_API_URL"] = start_server(spec, self.run_dir)["url"]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            from flows.servers import stop_server
+
+            stop_server(self.run_dir, "prefect-compare")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imer compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default="compare.yaml", help="the matrix declaration (default compare.yaml)")
+    parser.add_argument("--params", action="append", help="params file(s) the cells start from (default params.yaml)")
+    parser.add_argument("--jobs", type=int, default=None, help="cells run in parallel (default: the spec's jobs)")
+    parser.add_argument("--no-report", action="store_true", help="run the cells only")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    spec = Spec.load(args.spec)
+    started = time.perf_counter()
+    records = run_matrix(spec, args.params or ["params.yaml"], args.jobs)
+    wall = time.perf_counter() - started
+    failed = [r for r in records if r["status"] != "ok"]
+    computed = sum(r["computed"] for r in records)
+    print(f"imer compare: {len(records)} cells, {computed} computed, {len(failed)} failed, {wall:.0f} s", file=sys.stderr)
+    for r in failed:
+        print(f"  failed: {r['cell']} (exit {r.get('exit_code')}), log {r['folder']}/log.txt", file=sys.stderr)
+    if not args.no_report:
+        from pipeline.tracking.compare_report import write_compare_report
+
+        paths = write_compare_report(records, spec.baselines, spec.report_dir, spec.mlflow,
+                                     {"wall_s": round(wall, 1), "jobs": args.jobs or spec.jobs, "computed": computed})
+        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
