@@ -112,8 +112,12 @@ def main() -> None:
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = []
+        partial = Path(args.out).with_suffix(".rows.jsonl")  # each finished cell at once: a kill loses nothing
+        partial.parent.mkdir(parents=True, exist_ok=True)
         for row in pool.imap_unordered(_star, todo):
             rows.append(row)
+            with partial.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
             print(f"{row['variant']:>16} seed {row['seed']}: test WA mean {row['test']['mean']:.3f}  "
                   f"val {row['val_mean']:.3f}  {row['epochs']} epochs in {row['train_s']:.0f} s", flush=True)
     table = summarise(rows)

@@ -8,6 +8,7 @@
 - `imer repro [dvc repro options]`: `dvc repro` with one local Prefect API for the whole run.
 - `imer predict ...`: emotion of new clips with a registered model or a checkpoint.
 - `imer demo ...`: a local web page (127.0.0.1) to try a model on your own clips.
+- `imer compare ...`: a matrix of methods x options x seeds x corpus profiles, compared.
 - `imer folds run|aggregate ...`: IEMOCAP leave-one-session-out folds.
 
 Exit codes: 0 success, 1 runtime error (bad data, failed stage), 2 usage error (unknown
@@ -111,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except SystemExit as exc:  # a delegate's own argparse: its --help or usage error
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, int) or exc.code is None:
+            return exc.code or 0
+        print(f"imer {args.command}: error: {exc.code}", file=sys.stderr)  # sys.exit("message")
+        return 1
     except KeyboardInterrupt:
         print(f"imer {args.command}: interrupted", file=sys.stderr)
         return 130

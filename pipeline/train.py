@@ -6,6 +6,7 @@ wraps the run in its MLflow run.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from typing import Any
 
@@ -18,13 +19,16 @@ SECTION = "train"
 
 def run_stage(params: dict[str, Any]) -> dict:
     """Load train+val only, open the MLflow run, train, close the run."""
-    from pipeline.tracking.runs import start_run
+    from pipeline.tracking.runs import log_dataset_inputs, start_run, system_metrics
 
     cfg = TrainConfig.from_params(params)
     data = MultimodalData.load(cfg.manifest, cfg.features_dir, cfg.splits_dir, include=("train", "val"))
     tracking = start_run(asdict(cfg.mlflow), cfg.to_dict(), data.provenance) if cfg.mlflow.enabled else None
+    if tracking is not None:
+        log_dataset_inputs(tracking, data.provenance, cfg.manifest)  # MLflow dataset lineage
     try:
-        summary = train_model(data, cfg, cfg.out_dir, tracking)
+        with system_metrics(tracking) if tracking is not None else contextlib.nullcontext():
+            summary = train_model(data, cfg, cfg.out_dir, tracking)
     except BaseException:
         if tracking is not None:
             tracking.end("FAILED")

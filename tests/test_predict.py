@@ -17,6 +17,7 @@ import torch
 from flows.predict import main
 from pipeline.core.modalities import MODALITY_ORDER
 from pipeline.methods.checkpoint import load_model, save_model
+from pipeline.serving.recipes import recipes_from_tables
 from tests.serving_factory import clip_files, shared_tiny_model
 
 FAMILIES = ("audio", "text", "video")  # modality order a, t, v
@@ -116,8 +117,6 @@ def test_folder_groups_files_by_stem_and_writes_csv_and_parquet(tiny, bad, tmp_p
 
 def test_recipes_stored_in_the_checkpoint_need_no_feature_tables(tiny, tmp_path):
     """With `feature_recipes` in the checkpoint (as training can store them) no features dir is read."""
-    from pipeline.serving.recipes import recipes_from_tables
-
     model, extra = load_model(tiny["model"])
     recipes = recipes_from_tables(tiny["features"], extra["feature_config_hashes"])
     assert set(recipes) == set(MODALITY_ORDER)
@@ -132,8 +131,7 @@ def test_recipes_stored_in_the_checkpoint_need_no_feature_tables(tiny, tmp_path)
 
 def test_changed_extractor_config_is_refused(tiny, tmp_path, capsys):
     model, extra = load_model(tiny["model"])
-    recipes = __import__("pipeline.serving.recipes", fromlist=["x"]).recipes_from_tables(
-        tiny["features"], extra["feature_config_hashes"])
+    recipes = recipes_from_tables(tiny["features"], extra["feature_config_hashes"])
     recipes["a"] = {**recipes["a"], "segments": 8}  # features made this way are not the model's inputs
     path = tmp_path / "drifted.pt"
     save_model(path, model, {**extra, "feature_recipes": recipes})

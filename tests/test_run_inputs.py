@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from pipeline.tracking.runs import log_dataset_inputs, start_run, system_metrics
 from pipeline.training.data import MultimodalData
 from pipeline.splits import build_splits
@@ -34,3 +36,24 @@ def test_dataset_inputs_and_system_metrics_land_in_the_run(tmp_path):
     metrics = run.data.metrics
     assert metrics["system/cpu_utilization_percentage"] >= 0
     assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+@pytest.mark.gpu
+def test_system_metrics_include_the_gpu(tmp_path):
+    """On an NVIDIA machine (NVML via nvidia-ml-py) the run also gets GPU utilisation and memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = start_run({"tracking_uri": uri, "experiment": "imer", "artifact_root": str(tmp_path / "art")},
+                         {}, {}, repo_dir=tmp_path)
+    with system_metrics(tracking, interval_s=0.2):
+        x = torch.randn(4096, 4096, device="cuda")
+        for _ in range(50):
+            x = x @ x.T / 4096
+        torch.cuda.synchronize()
+    tracking.end()
+    metrics = tracking.client.get_run(tracking.run_id).data.metrics
+    assert metrics["system/gpu_0_memory_usage_megabytes"] > 0
+    assert "system/gpu_0_utilization_percentage" in metrics

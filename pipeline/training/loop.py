@@ -31,6 +31,7 @@ from pipeline.training.data import MultimodalData, feature_statistics, train_pri
 from pipeline.training.dpft import DPFTController
 from pipeline.training.lit_module import MethodModule
 from pipeline.training.plan import StagePlan, check_plan
+from pipeline.training.progress import EpochProgress
 from pipeline.training.samplers import BatchDataset, BatchKey, make_sampler
 from pipeline.training.workdir import StageCache, training_tmpdir
 
@@ -164,13 +165,13 @@ def _run_stage(index: int, stage: StagePlan, plan: list[StagePlan], model: torch
                           regression_loss=cfg.regression_loss, selection_metric=metric, epoch_sink=sink,
                           prior=prior, combinations=combinations,
                           components=_training_components(cfg, model, train, state))
-    callbacks: list = []
+    callbacks: list = [EpochProgress(metric)]  # one line per epoch on stderr
     if stage.select:
         monitor, mode = f"val/{metric}/mean", direction(metric)
         ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp, filename="best", monitor=monitor, mode=mode,
                                             save_weights_only=True, save_top_k=1)
         callbacks = [ckpt, pl.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
-                     *(extra_callbacks or [])]
+                     EpochProgress(metric), *(extra_callbacks or [])]  # ckpt first: read back below
     loader = DataLoader(BatchDataset(train), sampler=sampler, batch_size=None)
     _trainer(stage.epochs, callbacks, str(tmp)).fit(module, loader, _val_loader(val, cfg.val_batch_size))
     state.history += module.history
