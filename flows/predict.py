@@ -1,4 +1,4 @@
-"""`imer predict`: the emotion of new clips (any subset of audio, video and transcript per utterance).
+"""imer predict: the emotion of new clips (any subset of audio, video and transcript per utterance).
 
 Inputs: one utterance (`--audio x.wav --video x.mp4 --text x.txt`), a folder (files grouped
 by stem), or a listing in the ingest format (`utterance_id`, `audio_path`, `text_path`,
@@ -25,7 +25,7 @@ OUT_SUFFIXES = (".csv", ".json", ".parquet")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imer predict", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="imer predict", description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("what to predict (one utterance, a folder or a listing)")
     src.add_argument("--audio", type=Path, help="audio file (.wav, .flac, .ogg)")
     src.add_argument("--video", type=Path, help="video file (.mp4, .avi); its audio is used when no --audio is given")

@@ -198,3 +198,13 @@ def test_audio_inside_an_mp4_is_used_when_a_decoder_is_installed(tiny, tmp_path)
                  "--video", str(muxed), "--out", str(out)]) == 0
     row = json.loads(out.read_text())[0]
     assert row["audio_status"] == "present" and row["combination"] == "av"
+
+
+def test_imported_features_have_no_extractor_to_rebuild(tiny, tmp_path, capsys):
+    """A model trained on imported benchmark features says it answers feature rows only."""
+    model, extra = load_model(tiny["model"])
+    imported = {"name": "import", "format": "gcnet", "dataset": "iemocap"}
+    path = tmp_path / "imported.pt"
+    save_model(path, model, {**extra, "feature_recipes": dict.fromkeys(MODALITY_ORDER, imported)})
+    rc = main(["--model", str(path), "--features-dir", str(tmp_path), "--text", str(clip_files(tiny)["text"])])
+    assert rc == 1 and "not made by an extractor" in capsys.readouterr().err

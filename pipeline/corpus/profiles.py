@@ -30,14 +30,14 @@ PROFILES: dict[str, dict[str, Any]] = {
         "text_misleading_share": 0.12,  # transcripts carrying a cue of another class
     },
     "realistic": {
-        "audio_emotion_strength": 1.0,
-        "audio_intensity_range": (0.1, 1.0),
+        "audio_emotion_strength": 1.3,
+        "audio_intensity_range": (0.25, 1.0),
         "audio_variability": 1.0,
         "snr_db_range": (5.0, 25.0),
         "face_intensity_range": (0.03, 0.45),
         "face_jitter": 0.4,
         "video_noise_std": 10.0,
-        "text_cue_share": 0.65,
+        "text_cue_share": 0.7,
         "text_misleading_share": 0.05,
     },
 }

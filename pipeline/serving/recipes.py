@@ -30,6 +30,9 @@ class RecipeMismatch(ValueError):
 
 def recipe_config(recipe: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """(extractor name, config) of a stored recipe; keys the extractor does not accept (notes) are dropped."""
+    if "modality" not in recipe or "version" not in recipe:
+        raise RecipeMismatch(f"the model's features were not made by an extractor ({dict(recipe)}), e.g. imported "
+                             "benchmark features: it can only answer feature rows")
     name = str(recipe["modality"])
     if name not in EXTRACTORS:
         raise RecipeMismatch(f"recipe names extractor {name!r}, which this code does not have ({', '.join(EXTRACTORS)})")

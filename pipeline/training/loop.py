@@ -194,6 +194,7 @@ def _finish(model, data: MultimodalData, cfg: TrainConfig, metric: str, plan: li
     extra = {
         "classes": list(data.classes), "task": data.task, "input_dims": data.input_dims, "seq_lens": data.seq_lens,
         "feature_config_hashes": {m: data.feature_meta[m].get("config_hash") for m in data.feature_meta},
+        "feature_recipes": {m: data.feature_meta[m].get("extractor") for m in data.feature_meta},  # for predict
         "prior": prior, "provenance": data.provenance, "seed": cfg.seed, "selection_metric": metric,
         "best_epoch": None if best is None else int(best["epoch"]), "params_hash": config_hash(cfg.to_dict()),
         "mlflow_run_id": None if tracking is None else tracking.run_id, "method": cfg.method,
