@@ -154,17 +154,24 @@ def prepare_data(params: dict[str, Any], out_dir: Path, profile: str, prefect: b
     return folder
 
 
-def plan_cells(base: dict[str, Any], spec: Spec, data_dirs: dict[str, Path], out_dir: Path) -> list[Cell]:
+def plan_cells(base: dict[str, Any], spec: Spec, data_dirs: dict[str, Path], out_dir: Path, profile: str) -> list[Cell]:
+    """The cells of one profile whose data is ready, in declaration order (rows, then seeds)."""
+    prof = profile_params(base, spec, profile)
+    data_hash = json.loads((data_dirs[profile] / "data.json").read_text())["key"]
     cells = []
-    for profile in spec.profiles:
-        prof = profile_params(base, spec, profile)
-        data_hash = json.loads((data_dirs[profile] / "data.json").read_text())["key"]
-        for row, dotted in spec.rows.items():
-            for seed in spec.seeds:
-                params = cell_params(set_dotted(prof, {**dotted, "train.seed": seed}), data_dirs[profile].resolve())
-                key = cell_key(params, data_hash)
-                cells.append(Cell(row, seed, profile, key, out_dir / "cells" / key[:16], params))
+    for row, dotted in spec.rows.items():
+        for seed in spec.seeds:
+            params = cell_params(set_dotted(prof, {**dotted, "train.seed": seed}), data_dirs[profile].resolve())
+            key = cell_key(params, data_hash)
+            cells.append(Cell(row, seed, profile, key, out_dir / "cells" / key[:16], params))
     return cells
+
+
+def _data_failed(spec: Spec, profile: str, error: Exception) -> list[dict[str, Any]]:
+    """Records of the cells a profile could not run because its data failed."""
+    return [{"cell": f"{profile}/{row}/seed{seed}", "row": row, "seed": seed, "profile": profile, "key": "",
+             "folder": "", "status": "failed", "exit_code": None, "seconds": 0.0, "computed": True,
+             "log_tail": str(error)[-LOG_TAIL:]} for row in spec.rows for seed in spec.seeds]
 
 
 def run_cell(cell: Cell, prefect: bool, env: dict[str, str]) -> dict[str, Any]:
@@ -190,7 +197,10 @@ def run_cell(cell: Cell, prefect: bool, env: dict[str, str]) -> dict[str, Any]:
 
 
 def run_matrix(spec: Spec, params_paths: list[str], jobs: int | None = None) -> list[dict[str, Any]]:
-    """Every cell's record, in declaration order; data first (once per profile), then cells in parallel."""
+    """Every cell's record, in declaration order (profiles, rows, seeds).
+
+    Each profile's data is built once (in parallel across profiles); a profile's cells start as
+    soon as its data is ready, `jobs` processes at a time."""
     from flows.settings import prefect_enabled
 
     base = load_all_params(params_paths)
@@ -199,11 +209,20 @@ def run_matrix(spec: Spec, params_paths: list[str], jobs: int | None = None) -> 
     env = {**os.environ}
     if not prefect:
         env["IMER_NO_PREFECT"] = "1"
-    with _prefect_api(prefect, out_dir, env):
-        data_dirs = {p: prepare_data(profile_params(base, spec, p), out_dir, p, prefect, env) for p in spec.profiles}
-        cells = plan_cells(base, spec, data_dirs, out_dir)
-        with ThreadPoolExecutor(max_workers=max(1, jobs or spec.jobs)) as pool:  # each cell is its own process
-            return list(pool.map(lambda c: run_cell(c, prefect, env), cells))
+    jobs = max(1, jobs or spec.jobs)
+    with _prefect_api(prefect, out_dir, env), ThreadPoolExecutor(max_workers=jobs) as pool:  # one process per task
+        futures = {p: pool.submit(prepare_data, profile_params(base, spec, p), out_dir, p, prefect, env)
+                   for p in spec.profiles}
+        records: dict[str, list] = {}
+        for profile, future in futures.items():
+            try:
+                data_dirs = {profile: future.result()}
+            except Exception as exc:  # noqa: BLE001  (a profile's data failed: its cells are reported, others go on)
+                records[profile] = _data_failed(spec, profile, exc)
+                continue
+            cells = plan_cells(base, spec, data_dirs, out_dir, profile)
+            records[profile] = [pool.submit(run_cell, c, prefect, env) for c in cells]
+        return [r if isinstance(r, dict) else r.result() for p in spec.profiles for r in records[p]]
 
 
 class _prefect_api:

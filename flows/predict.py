@@ -75,10 +75,11 @@ def load_predictor(args: argparse.Namespace) -> Predictor:
                          extra.get("feature_config_hashes"))
     import mlflow
 
+    from pipeline.tracking.runs import fluent_uri
+
     uri = args.model_uri or f"models:/{args.model_name or default_name(args.params)}@champion"
-    mlflow.set_tracking_uri(args.tracking_uri)
-    mlflow.set_registry_uri(args.tracking_uri)
-    wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    with fluent_uri(args.tracking_uri):  # scoped: a global URI would capture later runs in this process
+        wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     predictor = getattr(wrapper, "predictor", None)
     if predictor is None:
         raise ValueError(f"{uri}: not an imer model (no predictor inside the pyfunc)")

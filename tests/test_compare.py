@@ -148,3 +148,17 @@ def test_tiny_matrix_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     again = {c["cell"]: c for c in json.loads((tmp_path / "reports" / "compare.json").read_text())["cells"]}
     assert [c for c, r in again.items() if r["computed"]] == ["balanced/broken/seed1", "balanced/broken/seed2"]
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs" / "cells").glob("*/cell.json")}
+
+
+def test_a_profile_whose_data_fails_is_reported_not_fatal(tmp_path: Path) -> None:
+    """An unknown corpus profile fails in `imer corpus`: its cells are failed records, the report lists them."""
+    from flows.compare import Spec, run_matrix
+
+    spec = Spec(rows={"plain": {"train.variant": "plain"}}, seeds=[1, 2], profiles=["exotic"],
+                out_dir=str(tmp_path / "runs"), prefect=False)
+    records = run_matrix(spec, [str(Path("params.yaml").resolve())])
+    assert [r["cell"] for r in records] == ["exotic/plain/seed1", "exotic/plain/seed2"]
+    assert all(r["status"] == "failed" and "corpus.profile" in r["log_tail"] for r in records)
+    assert not (tmp_path / "runs" / "cells").exists()
+    paths = write_compare_report(records, [], tmp_path / "reports")
+    assert "exotic/plain/seed2" in Path(paths["md"]).read_text()

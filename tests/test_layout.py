@@ -60,3 +60,10 @@ def test_one_routing_function():
     assert any(s in users for s in serving), "serving does not use the routing function"
     assert not [p for pkg in ("pipeline", "flows") for p in (ROOT / pkg).rglob("*.py")
                 if "def predict_routed" in p.read_text()]
+
+
+def test_no_module_sets_a_process_wide_mlflow_uri():
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ: only the scoped helper may call it."""
+    offenders = [str(p.relative_to(ROOT)) for pkg in ("pipeline", "features", "flows") for p in (ROOT / pkg).rglob("*.py")
+                 if "set_tracking_uri(" in p.read_text() and p.name != "runs.py"]
+    assert not offenders, f"use pipeline.tracking.runs.fluent_uri instead in {offenders}"

@@ -142,6 +142,33 @@ def tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     return out
 
 
+def plot_mr(summary: dict[str, Any], profile: str) -> bytes:
+    """Test score under random missing rate, one line per row (mean over seeds, std as band); PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for row, v in summary["profiles"][profile]["rows"].items():
+        mrs = sorted((float(k[3:]), v["scores"][k]) for k in v["scores"] if k.startswith("mr_"))
+        if mrs:
+            x = np.array([m for m, _ in mrs])
+            mean, std = np.array([c["mean"] for _, c in mrs]), np.array([c["std"] for _, c in mrs])
+            ax.plot(x, mean, marker="o", label=row)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("random missing rate")
+    ax.set_ylabel(f"test {summary['metric'].upper()}")
+    ax.set_title(f"{profile}: missing-rate curve")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    buf = BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def plot_bars(summary: dict[str, Any], profile: str) -> bytes:
     """Grouped bars: per combination, each row's mean with its std as error bar; PNG bytes."""
     import matplotlib
@@ -223,7 +250,8 @@ def write_compare_report(records: list[dict[str, Any]], baselines: list[str], re
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(records, baselines, n_boot=n_boot)
     summary["run"] = dict(run_info or {})
-    pngs = {p: plot_bars(summary, p) for p, d in summary["profiles"].items() if d["rows"]}
+    pngs = {f"{p}{kind}": plot(summary, p) for p, d in summary["profiles"].items() if d["rows"]
+            for kind, plot in (("", plot_bars), ("_mr", plot_mr))}
     paths: dict[str, Path | str] = {"json": out / "compare.json", "md": out / "compare.md", "html": out / "compare.html"}
     for name, data in pngs.items():
         with atomic_path(out / f"compare_{name}.png") as tmp:
