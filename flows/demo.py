@@ -145,15 +145,12 @@ def make_app(predict: Callable[[Mapping[str, Any]], dict[str, Any]]) -> Any:
 
 
 def parser() -> argparse.ArgumentParser:
+    from flows.predict import add_model_arguments
+
     p = argparse.ArgumentParser(prog="imer demo", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: %(default)s)")
     mod = p.add_argument_group("which model (as in `imer predict`)")
-    mod.add_argument("--model", type=Path, help="a checkpoint (models/model.pt) instead of the registry")
-    mod.add_argument("--model-uri", help="MLflow model URI (default: models:/<name>@champion)")
-    mod.add_argument("--model-name", help="registered model name (default: register.model_name or imer-<train.method>)")
-    mod.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking/registry URI (default: %(default)s)")
-    mod.add_argument("--features-dir", type=Path, default=Path("data/features"),
-                     help="feature tables to read extractor recipes from when a checkpoint has none (default: %(default)s)")
+    add_model_arguments(mod)
     mod.add_argument("--params", default="params.yaml", help="params file for the default model name")
     return p
 

@@ -33,13 +33,7 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--id", help="utterance id of the single utterance (default: the first file's stem)")
     src.add_argument("--folder", type=Path, help="folder of clips grouped by stem (x.wav, x.mp4, x.txt)")
     src.add_argument("--listing", type=Path, help="CSV/Parquet listing in the ingest format")
-    mod = p.add_argument_group("which model")
-    mod.add_argument("--model", type=Path, help="a checkpoint (models/model.pt) instead of the registry")
-    mod.add_argument("--model-uri", help="MLflow model URI (default: models:/<name>@champion)")
-    mod.add_argument("--model-name", help="registered model name (default: register.model_name or imer-<train.method>)")
-    mod.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking/registry URI (default: %(default)s)")
-    mod.add_argument("--features-dir", type=Path, default=Path("data/features"),
-                     help="feature tables to read extractor recipes from when a checkpoint has none (default: %(default)s)")
+    add_model_arguments(p.add_argument_group("which model"))
     p.add_argument("--out", type=Path, help=f"write the predictions here ({', '.join(OUT_SUFFIXES)}); default: print")
     p.add_argument("--params", default="params.yaml", help="params file for the default model name")
     return p
@@ -57,6 +51,16 @@ def gather(args: argparse.Namespace) -> list[MediaItem]:
         return items_from_listing(args.listing)
     uid = args.id or next(iter(single.values())).stem
     return [MediaItem(uid, dict(single))]
+
+
+def add_model_arguments(group: argparse._ArgumentGroup) -> None:
+    """The options that choose a model, shared by `imer predict` and `imer demo`."""
+    group.add_argument("--model", type=Path, help="a checkpoint (models/model.pt) instead of the registry")
+    group.add_argument("--model-uri", help="MLflow model URI (default: models:/<name>@champion)")
+    group.add_argument("--model-name", help="registered model name (default: register.model_name or imer-<train.method>)")
+    group.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking/registry URI (default: %(default)s)")
+    group.add_argument("--features-dir", type=Path, default=Path("data/features"),
+                       help="feature tables to read extractor recipes from when a checkpoint has none (default: %(default)s)")
 
 
 def load_predictor(args: argparse.Namespace) -> Predictor:

@@ -7,57 +7,15 @@ records `last_counts` and `history` as samples per combination), yielding `Batch
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 
 from pipeline.core.modalities import COMBINATIONS, MASKS, mask_to_index
+from pipeline.training.batches import MaskedPassSampler
 
 N_COMB = len(COMBINATIONS)
 
 
-class _MaskedPassSampler:
-    """A seeded shuffled pass over `rows`, each sample with a mask from `_masks`."""
-
-    def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None):
-        self.natural = np.asarray(natural, dtype=bool)  # (N, 3)
-        self.batch_size, self.seed = int(batch_size), int(seed)
-        self.allowed = np.ones(N_COMB, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)  # (7,)
-        self.usable = self._rows()
-        self.epoch = 0
-        self.history: list[dict[str, int]] = []
-        self.last_counts: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return int(np.ceil(len(self.usable) / self.batch_size))
-
-    def _rows(self) -> np.ndarray:
-        raise NotImplementedError
-
-    def _masks(self, nat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        raise NotImplementedError
-
-    def draw_epoch(self, epoch: int) -> list:
-        """The batches of `epoch` (BatchKeys): a pure function of (seed, epoch)."""
-        # imported here: samplers.py registers this module's classes, so a top-level import would be circular
-        from pipeline.training.samplers import BatchKey
-
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.usable)
-        masks = self._masks(self.natural[order], rng)  # (N, 3)
-        return [BatchKey(index=order[s:s + self.batch_size], mask=masks[s:s + self.batch_size])
-                for s in range(0, len(order), self.batch_size)]
-
-    def __iter__(self) -> Iterator:
-        keys = self.draw_epoch(self.epoch)
-        counts = np.bincount(np.concatenate([mask_to_index(k.mask) for k in keys]), minlength=N_COMB)
-        self.last_counts = {c: int(counts[i]) for i, c in enumerate(COMBINATIONS)}  # samples per combination
-        self.history.append({"epoch": self.epoch, **self.last_counts})
-        self.epoch += 1
-        return iter(keys)
-
-
-class EtaDropoutSampler(_MaskedPassSampler):
+class EtaDropoutSampler(MaskedPassSampler):
     """Per sample, with probability `eta` keep a uniformly drawn proper non-empty subset of its
     natural set, else all of it (a single-modality sample always keeps it). A complete row loses
     1.5 eta of its 3 modalities on average (eta 0.7 ~ missing rate 0.35; never above 0.5)."""
@@ -90,7 +48,7 @@ class EtaDropoutSampler(_MaskedPassSampler):
         return np.where(drop[:, None], MASKS[pick], nat)  # (N, 3)
 
 
-class CompleteRowsSampler(_MaskedPassSampler):
+class CompleteRowsSampler(MaskedPassSampler):
     """Only the naturally complete rows, all modalities kept (MPLMM's faithful stage 1)."""
 
     def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None = None):

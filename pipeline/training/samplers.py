@@ -8,39 +8,15 @@ it (the research code read it off the first sample).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from pipeline.core.modalities import COMBINATIONS, MASKS, mask_to_index
-from pipeline.training.data import MultimodalData
+from pipeline.core.modalities import COMBINATIONS, MASKS
+from pipeline.training.batches import BatchDataset, BatchKey, MaskedPassSampler  # noqa: F401  (re-exported)
 from pipeline.training.eta_sampler import CompleteRowsSampler, EtaDropoutSampler
 
 N_COMB = len(COMBINATIONS)
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """Local sample indices of one batch plus how its modalities are masked."""
-
-    index: np.ndarray  # (B,) local indices into the training view
-    combination: int | None = None  # homogeneous batch
-    mask: np.ndarray | None = None  # (B, 3) per-sample mask (random modality dropout)
-
-
-class BatchDataset(Dataset):
-    """Maps a BatchKey to a batch of tensors (no per-sample Python work)."""
-
-    def __init__(self, data: MultimodalData):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, key: BatchKey) -> dict:
-        return self.data.batch(key.index, combination=key.combination, mask=key.mask)
 
 
 class HomogeneousBatchSampler:
@@ -111,44 +87,24 @@ class HomogeneousBatchSampler:
         return iter(keys)
 
 
-class ModalityDropoutSampler:
+class ModalityDropoutSampler(MaskedPassSampler):
     """Random modality dropout (variant `plain`, two_stage stage 1): a shuffled pass over the
     samples; each sample keeps a uniformly drawn non-empty subset of its present modalities."""
 
     def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None = None):
-        self.natural = np.asarray(natural, dtype=bool)  # (N, 3)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        # (7,) combinations a sample may be reduced to; the dataset's formable ones
-        self.allowed = np.ones(N_COMB, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
-        self.usable = np.flatnonzero(((self.natural[:, None, :] | ~MASKS[None, :, :]).all(axis=2)
-                                      & self.allowed[None, :]).any(axis=1))
-        if len(self.usable) == 0:
+        super().__init__(natural, batch_size, seed, allowed)  # allowed: the dataset's formable combinations
+
+    def _rows(self) -> np.ndarray:
+        usable = np.flatnonzero(((self.natural[:, None, :] | ~MASKS[None, :, :]).all(axis=2)
+                                 & self.allowed[None, :]).any(axis=1))
+        if len(usable) == 0:
             raise ValueError("no training sample has any modality present")
-        self.epoch = 0
-        self.history: list[dict[str, int]] = []
-        self.last_counts: dict[str, int] = {}
+        return usable
 
-    def __len__(self) -> int:
-        return int(np.ceil(len(self.usable) / self.batch_size))
-
-    def draw_epoch(self, epoch: int) -> list[BatchKey]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.usable)
-        nat = self.natural[order]  # (N, 3)
+    def _masks(self, nat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         allowed = (nat[:, None, :] | ~MASKS[None, :, :]).all(axis=2) & self.allowed[None, :]  # (N, 7) subsets
         pick = np.argmax(np.where(allowed, rng.random(allowed.shape), -1.0), axis=1)  # uniform among allowed
-        masks = MASKS[pick]  # (N, 3)
-        return [BatchKey(index=order[s:s + self.batch_size], mask=masks[s:s + self.batch_size])
-                for s in range(0, len(order), self.batch_size)]
-
-    def __iter__(self) -> Iterator[BatchKey]:
-        keys = self.draw_epoch(self.epoch)
-        counts = np.bincount(np.concatenate([mask_to_index(k.mask) for k in keys]), minlength=N_COMB)
-        self.last_counts = {c: int(counts[i]) for i, c in enumerate(COMBINATIONS)}  # samples per combination
-        self.history.append({"epoch": self.epoch, **self.last_counts})
-        self.epoch += 1
-        return iter(keys)
+        return MASKS[pick]  # (N, 3)
 
 
 # Sampler registry: StagePlan.sampler -> class. Each takes (natural (N, 3), batch_size, seed, allowed (7,) bool).
