@@ -24,15 +24,18 @@ def orthogonality_loss(r_spec: dict[str, torch.Tensor], r_com: dict[str, torch.T
 
 
 def task_loss(prediction: torch.Tensor, target: torch.Tensor, task: str,
-              regression_loss: str = "l1") -> torch.Tensor:
-    """Cross-entropy on logits (B, C) vs class ids (B,); regression: L1 (default) or MSE on (B, 1) vs (B,)."""
+              regression_loss: str = "l1", reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy on logits (B, C) vs class ids (B,); regression: L1 (default) or MSE on (B, 1) vs (B,).
+
+    `reduction="none"` gives the per-row losses (B,) (CGGM weights rows by the modalities present).
+    """
     if task == "classification":
-        return F.cross_entropy(prediction, target.long())
+        return F.cross_entropy(prediction, target.long(), reduction=reduction)
     if task == "regression":
         score = prediction.reshape(-1)  # (B,)
         if regression_loss == "l1":
-            return F.l1_loss(score, target.to(score.dtype))
+            return F.l1_loss(score, target.to(score.dtype), reduction=reduction)
         if regression_loss == "mse":
-            return F.mse_loss(score, target.to(score.dtype))
+            return F.mse_loss(score, target.to(score.dtype), reduction=reduction)
         raise ValueError(f"regression_loss must be 'l1' or 'mse', got {regression_loss!r}")
     raise ValueError(f"task must be classification|regression, got {task!r}")

@@ -44,11 +44,11 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pipeline.core.modalities import COMBINATIONS, MASKS, MODALITY_ORDER
+from pipeline.methods.losses import task_loss
 from pipeline.training.cggm_parts import (CGGMConfig, EpochStats, ProgressSignal, UnimodalClassifier, coefficients,
-                                         logit_gradient, masked_cosine, modality_parameters)
+                                         logit_gradient, masked_cosine, modality_parameters, row_score)
 
 MIXED = "mixed"
 
@@ -160,9 +160,9 @@ class CGGM(nn.Module):
             logits, hidden = self.classifiers[m](out.pooled[m].detach())  # (B, C), (B, H)
             cls_out[m] = (logits, hidden, w)
             n = w.sum().clamp_min(1.0)
-            l_cls = l_cls + (self._row_loss(logits, y) * w).sum() / n
+            l_cls = l_cls + (task_loss(logits, y, self.task, self.regression_loss, reduction="none") * w).sum() / n
             with torch.no_grad():
-                score_t.append((self._row_score(logits, y) * w).sum() / n)
+                score_t.append((row_score(logits, y, self.task) * w).sum() / n)
                 count_t.append(w.sum())
         values = torch.stack(score_t + count_t).tolist() if candidates else []  # the one host sync per step
         scores = {m: values[i] for i, m in enumerate(candidates) if values[len(candidates) + i] > 0}
@@ -204,21 +204,6 @@ class CGGM(nn.Module):
             self.stats.add(key, f"cos_{m}", cos)
             terms.append(abs(b[m]) - b[m] * cos)
         return torch.stack(terms).mean()
-
-    def _row_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The task loss per row (B,), as `task_loss` computes it before its mean."""
-        if self.task == "classification":
-            return F.cross_entropy(logits, y.long(), reduction="none")
-        score, target = logits.reshape(-1), y.to(logits.dtype)
-        if self.regression_loss == "mse":
-            return (score - target).pow(2)
-        return (score - target).abs()
-
-    def _row_score(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """eps per row: accuracy (classification) or -|error| (regression, finer than sign accuracy)."""
-        if self.task == "classification":
-            return (logits.argmax(-1) == y.long()).to(logits.dtype)
-        return -(logits.reshape(-1) - y.to(logits.dtype)).abs()
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log encoder gradient norms and apply this step's factors (after backward, before the update)."""
@@ -280,7 +265,7 @@ class CGGM(nn.Module):
                     w = out.modality_mask[:, MODALITY_ORDER.index(m)].to(out.prediction.dtype)
                     if float(w.sum()) > 0:
                         logits, _ = self.classifiers[m](out.pooled[m])
-                        scores[m] = float((self._row_score(logits, sub["target"]) * w).sum() / w.sum())
+                        scores[m] = float((row_score(logits, sub["target"], self.task) * w).sum() / w.sum())
                 self.progress.monitor(name, scores)
         finally:
             model.train(was_training)

@@ -239,6 +239,13 @@ class EpochStats:
         return out
 
 
+def row_score(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """eps per row (B,): accuracy (classification) or -|error| (regression, finer than sign accuracy)."""
+    if task == "classification":
+        return (logits.argmax(-1) == y.long()).to(logits.dtype)
+    return -(logits.reshape(-1) - y.to(logits.dtype)).abs()
+
+
 def coefficient_csv(history: list[Mapping[str, Any]]) -> str:
     """DVC plot data `reports/plots/cggm_coeff.csv`: per epoch, mean B_{c,m} for every multi-modality
     combination (and "mixed") that has a value in some epoch; columns named `<c>_<m>`."""
