@@ -27,14 +27,6 @@ FAST_TRAIN = {"seed": 5, "max_epochs": 4, "patience": 4, "batch_size": 32, "lr":
 FAST_ADAPT = {"contrastive_epochs": 4, "snapshot_every": 2, "pseudo_epochs": 2, "bootstrap": 50, "log_mlflow": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapt")

@@ -1,8 +1,10 @@
 """The `adapt` params section as typed configs (one home for every default), validated once."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
+
+from pipeline.core.params import build_config
 
 METHODS = ("none", "input_stats", "tent", "casp_contrastive", "casp")
 PROTOCOLS = ("inductive", "transductive")  # adapt on shifted_adapt / on the shifted_test inputs
@@ -61,16 +63,8 @@ class AdaptConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "AdaptConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"adapt: unknown keys {unknown}; known {sorted(known)}")
-        values = dict(params)
-        gate = dict(values.pop("gate", None) or {})
-        gate_known = {f.name for f in fields(GateConfig)}
-        if set(gate) - gate_known:
-            raise ValueError(f"adapt.gate: unknown keys {sorted(set(gate) - gate_known)}; known {sorted(gate_known)}")
-        cfg = cls(**values, gate=GateConfig(**gate))
+        values = {k: v for k, v in params.items() if not (k == "gate" and v is None)}  # gate: null = defaults
+        cfg = build_config(cls, values, "adapt")  # unknown keys (also under gate) raise with their name
         cfg.validate()
         return cfg
 

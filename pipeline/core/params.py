@@ -60,7 +60,7 @@ def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"params {where}: unknown key(s) {', '.join(where + '.' + k for k in unknown)}; "
+        raise ValueError(f"params {where}: unknown keys {', '.join(where + '.' + k for k in unknown)}; "
                          f"known: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in values.items():
