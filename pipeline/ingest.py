@@ -8,6 +8,8 @@ used is *real missingness* and only marks that modality missing for that utteran
 with a named reason (`file_absent`, `not_a_file`, `symlink_loop`, `permission_denied`,
 `unreadable_file`; see `pipeline.core.media_paths`). The manifest keeps the path as
 listed (made absolute or project-relative), never the target of a symlink.
+Optional `dialogue` / `turn` columns (conversation structure) become first-class
+manifest columns; a turn must be a whole number >= 0 on a row that names its dialogue.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import pyarrow.parquet as pq
 
 from pipeline.core.atomic import write_json
 from pipeline.core.media_paths import listed_path, probe_file
-from pipeline.formats.manifest import MANIFEST_SCHEMA, MODALITIES, PATH_COLUMNS, manifest_meta, write_manifest
+from pipeline.formats.manifest import (DIALOGUE_COLUMNS, DIALOGUE_TYPES, MANIFEST_SCHEMA, MODALITIES, PATH_COLUMNS,
+                                     manifest_meta, write_manifest)
 from pipeline.core.params import load_params
 
 SECTION = "ingest"
@@ -143,6 +146,7 @@ def ingest(listing_path: Path, out_path: Path, task: str = "classification", cla
         ragged = "".join(f"\n  {p}" for p in listing.ragged[:MAX_LISTED_ERRORS])
         raise ValueError(f"{listing_path}: listing has no readable rows{ragged}")
 
+    dialogue_cols = [c for c in DIALOGUE_COLUMNS if c in header or (c == "dialogue" and "turn" in header)]
     problems: list[RowProblem] = list(listing.ragged)
     kept: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -152,7 +156,7 @@ def ingest(listing_path: Path, out_path: Path, task: str = "classification", cla
         if row_problems:
             problems.extend(row_problems)
             continue
-        kept.append(_manifest_row(row, listing_path.parent.resolve(), root, task))
+        kept.append(_manifest_row(row, listing_path.parent.resolve(), root, task, dialogue_cols))
 
     problems.sort(key=lambda p: (p.line or 0, p.row))
     if problems and on_bad_row == "error":
@@ -164,6 +168,7 @@ def ingest(listing_path: Path, out_path: Path, task: str = "classification", cla
 
     found_classes = classes or (sorted({r["label"] for r in kept}) if task == "classification" else [])
     columns = {name: pa.array([r.get(name) for r in kept], MANIFEST_SCHEMA.field(name).type) for name in MANIFEST_SCHEMA.names}
+    columns.update({name: pa.array([r[name] for r in kept], DIALOGUE_TYPES[name]) for name in dialogue_cols})
     # Pass-through columns (ground truth `gt_*`, a published `split`) keep their listing types.
     columns.update({name: pa.array([r.get(name) for r in kept]) for name in kept[0] if name not in columns})
     table = pa.table(columns)
@@ -206,12 +211,43 @@ def _validate_row(row: dict[str, Any], number: int, task: str, classes: list[str
             problems.append(RowProblem(number, "score", f"'{row.get('score')}' is not a number"))
     if all(not row.get(col) for col in PATH_COLUMNS.values()):
         problems.append(RowProblem(number, "audio_path/text_path/video_path", "no media path at all"))
+    problems.extend(_dialogue_problems(row, number))
     for problem in problems:
         problem.line = line
     return problems
 
 
-def _manifest_row(row: dict[str, Any], listing_dir: Path, root: Path, task: str) -> dict[str, Any]:
+def _dialogue_problems(row: dict[str, Any], number: int) -> list[RowProblem]:
+    """`turn` must be a whole number >= 0 and needs a `dialogue` on the same row."""
+    raw = row.get("turn")
+    if _blank(raw):
+        return []
+    problems = []
+    if _turn(raw) is None:
+        problems.append(RowProblem(number, "turn", f"'{raw}' is not a non-negative integer"))
+    if _blank(row.get("dialogue")):
+        problems.append(RowProblem(number, "turn", "given without a dialogue (a turn is a position inside a dialogue)"))
+    return problems
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def _turn(value: Any) -> int | None:
+    """The turn as an int, or None when it is not a whole number >= 0 ("3" and 3.0 are; "3.5", -1, "x" are not)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        return None
+    return int(number)
+
+
+def _manifest_row(row: dict[str, Any], listing_dir: Path, root: Path, task: str, dialogue_cols: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "utterance_id": str(row["utterance_id"]).strip(),
         "session": str(row["session"]).strip(),
@@ -232,6 +268,10 @@ def _manifest_row(row: dict[str, Any], listing_dir: Path, root: Path, task: str)
     for key, value in row.items():
         if key.startswith("gt_") or key == "split":
             out[key] = value
+    if "dialogue" in dialogue_cols:  # listing columns `dialogue` / `turn`: first-class manifest columns
+        out["dialogue"] = None if _blank(row.get("dialogue")) else str(row["dialogue"]).strip()
+    if "turn" in dialogue_cols:
+        out["turn"] = None if _blank(row.get("turn")) else _turn(row["turn"])
     return out
 
 

@@ -23,6 +23,11 @@ pool: `shifted_adapt_sessions`, default the first shifted session) or
 is split by speaker), speaker-disjoint. `shifted_test` gets stored masks on its own
 seed stream, so val/test masks are unchanged. A corpus without shifted rows gets
 exactly the assignment, masks and splits.json it got before domains existed.
+
+Dialogues (manifest `dialogue`/`turn`, `read_dialogues`): whole dialogues never cross
+splits. by_session and loso keep a dialogue together when it stays inside one session;
+whatever the strategy, a dialogue whose rows land in two splits (by_speaker with
+two-speaker dialogues, a published `split` column that cuts one) is an error naming it.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.hashing import file_digest
 from pipeline.core.modalities import COMBINATIONS, MANIFEST_NAME, MODALITY_ORDER, TABLE_NAME, mask_to_index
 from pipeline.formats.feature_table import read_feature_table
-from pipeline.formats.manifest import read_manifest
+from pipeline.formats.manifest import read_dialogues, read_manifest
 from pipeline.formats.split_store import (  # noqa: F401  (re-exported for callers of the stage module)
     SHIFTED_SPLITS, SOURCE_DOMAIN, SPLITS, check_domain_separation, natural_presence, read_assignment,
     read_random_masks, row_domains)
@@ -167,6 +172,8 @@ def build_splits(manifest_path: str | Path, features_dir: str | Path, out_dir: s
         raise ValueError(f"missing_rates must lie in [0, 1): {rates}")
     ids = np.asarray(manifest.column("utterance_id").to_pylist(), dtype=object)
     split = assign_splits(manifest, params)
+    dialogues, _ = read_dialogues(manifest)
+    check_dialogues_in_one_split(dialogues, split, strategy, manifest_path)
     natural, table_info = natural_presence(manifest, features_dir)
     fold = int(params.get("fold", 0)) if strategy == "loso" else 0
 
@@ -218,7 +225,7 @@ def build_splits(manifest_path: str | Path, features_dir: str | Path, out_dir: s
         "missing_rates": rates,
         "task": meta.get("task"),
         "classes": meta.get("classes", []),
-        "counts": _counts(split, manifest, meta, natural, names),
+        "counts": _counts(split, manifest, meta, natural, names, dialogues),
         "speakers_in_several_splits": shared,
         "realised_missing_share": realised,
         "groups": {s: sorted({str(g) for g in np.asarray(manifest.column("session").to_pylist())[split == s]})
@@ -235,6 +242,20 @@ def build_splits(manifest_path: str | Path, features_dir: str | Path, out_dir: s
     return summary
 
 
+def check_dialogues_in_one_split(dialogues: np.ndarray, split: np.ndarray, strategy: str, where: str | Path) -> None:
+    """Raise if a dialogue's rows sit in more than one split (its context would leak across them)."""
+    crossing = _groups_in_several_splits(dialogues, split)
+    if not crossing:
+        return
+    first = crossing[0]
+    parts = sorted({str(s) for s in split[dialogues == first]})
+    raise ValueError(
+        f"{where}: {len(crossing)} dialogue(s) fall in more than one split under strategy {strategy!r}, e.g. "
+        f"dialogue {first!r} in {parts} (all: {crossing[:5]}); whole dialogues must stay in one split: use "
+        "splits.strategy: by_session (dialogues inside one session stay together), or fix the listing's "
+        "`split` / `dialogue` columns (for a single shifted session, render corpus.shifted_sessions >= 2)")
+
+
 def _groups_in_several_splits(groups: np.ndarray, split: np.ndarray) -> list[str]:
     seen: dict[str, set] = {}
     for g, s in zip(groups.tolist(), split.tolist()):
@@ -243,13 +264,14 @@ def _groups_in_several_splits(groups: np.ndarray, split: np.ndarray) -> list[str
 
 
 def _counts(split: np.ndarray, manifest: pa.Table, meta: dict, natural: np.ndarray,
-            names: tuple[str, ...] = SPLITS) -> dict:
+            names: tuple[str, ...], dialogues: np.ndarray) -> dict:
     labels = np.asarray(manifest.column("label").to_pylist(), dtype=object)
     combo = mask_to_index(natural)
     out: dict[str, Any] = {}
     for s in names:
         sel = split == s
-        entry: dict[str, Any] = {"n": int(sel.sum()), "no_modality": int((combo[sel] < 0).sum()),
+        entry: dict[str, Any] = {"n": int(sel.sum()), "dialogues": len(set(dialogues[sel].tolist())),
+                                 "no_modality": int((combo[sel] < 0).sum()),
                                  "natural_combination": {c: int((combo[sel] == i).sum()) for i, c in enumerate(COMBINATIONS)}}
         if meta.get("task") == "classification":
             entry["per_class"] = {c: int((labels[sel] == c).sum()) for c in meta.get("classes", [])}

@@ -30,6 +30,8 @@ class Expected:
     label: dict[str, str | None] = field(default_factory=dict)
     score: dict[str, float | None] = field(default_factory=dict)
     split: dict[str, str | None] = field(default_factory=dict)
+    dialogue: dict[str, str] = field(default_factory=dict)  # the dialogue (video) id
+    turn: dict[str, int] = field(default_factory=dict)  # position in the dialogue (MMSA: the clip index)
     steps: dict[str, dict[str, np.ndarray | None]] = field(default_factory=dict)  # modality -> uid -> (T, d)
     reason: dict[str, dict[str, str | None]] = field(default_factory=dict)  # modality -> uid -> reason
 
@@ -62,8 +64,9 @@ def write_gcnet_iemocap(root: str | Path, seed: int = 0, sessions: int = 3, dial
             ys = [int(rng.integers(0, classes)) for _ in uids]
             video_ids[vid], video_labels[vid], video_speakers[vid] = uids, ys, tags
             video_sentences[vid] = [f"sentence {j}" for j in range(n_utt)]
-            for uid, y, tag in zip(uids, ys, tags):
+            for j, (uid, y, tag) in enumerate(zip(uids, ys, tags)):
                 exp.uids.append(uid)
+                exp.dialogue[uid], exp.turn[uid] = vid, j
                 exp.session[uid] = f"Ses{s:02d}"
                 exp.speaker[uid] = f"Ses{s:02d}_{tag}"
                 exp.label[uid] = names[y]
@@ -121,7 +124,8 @@ def write_gcnet_mosi(root: str | Path, seed: int = 1, videos: int = 9, dims: dic
         video_ids[vid], video_labels[vid] = uids, scores
         video_speakers[vid] = ["M"] * n_utt
         video_sentences[vid] = ["it was fine"] * n_utt
-        for uid, y in zip(uids, scores):
+        for j, (uid, y) in enumerate(zip(uids, scores)):
+            exp.dialogue[uid], exp.turn[uid] = vid, j
             exp.session[uid] = vid
             exp.speaker[uid] = vid
             exp.label[uid] = None
@@ -193,6 +197,7 @@ def write_mmsa(
             exp.uids.append(uid)
             exp.session[uid] = uid.split("$_$")[0]
             exp.speaker[uid] = uid.split("$_$")[0]
+            exp.dialogue[uid], exp.turn[uid] = uid.split("$_$")[0], i % 3 + 1
             exp.label[uid] = None
             exp.score[uid] = float(scores[i])
             exp.split[uid] = {"train": "train", "valid": "val", "test": "test"}[key]

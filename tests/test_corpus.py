@@ -66,7 +66,7 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path: Path) -> None:
 
 def test_listing_columns_and_relative_paths(clean: Path) -> None:
     table = pq.read_table(clean).to_pandas()
-    for col in ("utterance_id", "session", "speaker", "label", "audio_path", "video_path", "text_path", "domain",
+    for col in ("utterance_id", "session", "speaker", "dialogue", "turn", "label", "audio_path", "video_path", "text_path", "domain",
                 "gt_broken_modality", "gt_breakage", "gt_face_intensity", "gt_audio_intensity", "gt_snr_db"):
         assert col in table.columns, col
     assert table.utterance_id.is_unique
@@ -186,20 +186,31 @@ def test_config_rejects_unknown_keys_and_bad_values() -> None:
 
 
 # --- profiles -------------------------------------------------------------------------------
-# sha256 over the per-file sha256 of the media files and the listing of
-# make_tiny_corpus(n=8, seed=5, breakage_share=0.25), computed with the generator before
-# profiles existed: the balanced profile must keep every byte.
-BALANCED_TINY_DIGEST = "0d8fd02e6997cd11623d1bbb0ec76aaeb8bd8b61915eee1074c76179b6b7e7f2"
+# make_tiny_corpus(n=8, seed=5, breakage_share=0.25), generated before profiles existed (and
+# before dialogues: its listing then hashed, with the media, to 0d8fd02e...): the balanced
+# profile at inertia 0 must keep every media byte and every listing value; dialogues only add
+# the `dialogue` and `turn` columns. Media: sha256 over the per-file sha256 of the media files;
+# listing: sha256 of the rows' JSON over the listing columns that existed then.
+BALANCED_TINY_DIGEST = "ed4c7b38c58bd78ef9d5daac4278c1f86ab74f050f78c20849f6e22b37750311"
+BALANCED_TINY_LISTING_DIGEST = "a797f1d0fe4649a850699b13df26ad74ae055e194469ecbcf1ec8e310a0f9f86"
+NEW_LISTING_COLUMNS = ("dialogue", "turn")
 
 
 def _media_digest(folder: Path) -> str:
-    files = {k: v for k, v in _digest(folder).items() if k.startswith(("audio/", "video/", "text/")) or k == "listing.parquet"}
+    files = {k: v for k, v in _digest(folder).items() if k.startswith(("audio/", "video/", "text/"))}
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _listing_digest(folder: Path) -> str:
+    table = pq.read_table(folder / "listing.parquet")
+    rows = table.select([c for c in table.column_names if c not in NEW_LISTING_COLUMNS]).to_pylist()
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
 def test_balanced_profile_keeps_the_bytes(tmp_path: Path) -> None:
     make_tiny_corpus(tmp_path / "b", n=8, seed=5, breakage_share=0.25, profile="balanced")
     assert _media_digest(tmp_path / "b") == BALANCED_TINY_DIGEST
+    assert _listing_digest(tmp_path / "b") == BALANCED_TINY_LISTING_DIGEST
     recorded = json.loads((tmp_path / "b" / "corpus.json").read_text())
     assert recorded["config"]["profile"] == "balanced" and recorded["profile_overrides"] == {}
 

@@ -53,6 +53,7 @@ def test_iemocap_round_trip(tmp_path):
         assert row["session"] == exp.session[uid] and row["speaker"] == exp.speaker[uid]
         assert row["label"] == exp.label[uid] and row["score"] is None
         assert row["split"] == exp.split[uid] and row["domain"] == "source"
+        assert row["dialogue"] == exp.dialogue[uid] and row["turn"] == exp.turn[uid]  # the pickle's lists, in order
         assert row["audio_path"] is None and row["video_path"] is None
         for m in ("audio", "text", "video"):
             assert row[f"{m}_missing"] == exp.reason[m][uid]
@@ -87,6 +88,7 @@ def test_mosi_scores_and_published_splits(tmp_path):
     for uid, row in rows.items():
         assert row["label"] is None and row["score"] == pytest.approx(exp.score[uid])
         assert row["split"] == exp.split[uid] and row["session"] == exp.session[uid]
+        assert (row["dialogue"], row["turn"]) == (exp.dialogue[uid], exp.turn[uid])
     assert set(summary["splits"]) == {"train", "val", "test"}
     _check_features(exp, manifest, tables)
     assert all(t.sequence.shape[1] == 1 for t in tables.values())  # [d] vectors become T=1

@@ -31,6 +31,7 @@ def test_round_trip(tmp_path, with_lengths, with_text_bert):
         uid = row["utterance_id"]
         assert row["score"] == pytest.approx(exp.score[uid], abs=1e-6) and row["label"] is None
         assert row["split"] == exp.split[uid] and row["session"] == exp.session[uid] == row["speaker"]
+        assert row["dialogue"] == exp.dialogue[uid] and row["turn"] == exp.turn[uid]  # video, clip index
     for m, table in tables.items():
         assert table.utterance_id.tolist() == ids
         for i, uid in enumerate(ids):

@@ -26,6 +26,9 @@ class CorpusConfig:
     shifted_sessions: int = 2
     shifted_utterances: int = 300
     workers: int = 0  # 0 = all cores
+    # conversations (pipeline/corpus/dialogues.py): a session's utterances come as two-speaker dialogues
+    dialogue_turns: float = 12.0  # mean utterances per dialogue (1 = every utterance alone)
+    inertia: float = 0.0  # chance an utterance repeats the emotion of its own or the partner's last turn; 0 = independent
     # informativeness: how much each modality alone can know. None = the profile's value
     # (pipeline/corpus/profiles.py); __post_init__ fills them, so a built config is concrete.
     profile: str = DEFAULT_PROFILE
@@ -75,6 +78,10 @@ class CorpusConfig:
             raise ValueError(f"corpus.profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         if self.video_format not in ("mp4", "avi"):
             raise ValueError(f"corpus.video_format must be 'mp4' or 'avi', got {self.video_format!r}")
+        if not self.dialogue_turns >= 1:
+            raise ValueError(f"corpus.dialogue_turns (mean utterances per dialogue) must be >= 1, got {self.dialogue_turns}")
+        if not 0 <= self.inertia <= 1:
+            raise ValueError(f"corpus.inertia must be in [0, 1], got {self.inertia}")
         if self.utterances < 1 or self.sessions < 1 or self.speakers_per_session < 1:
             raise ValueError("corpus: utterances, sessions and speakers_per_session must be >= 1")
 

@@ -2,8 +2,10 @@
 
 Determinism: the plan comes from one RNG seeded by `seed`; each clip renders from
 its own RNGs derived from (seed, domain, index), so the worker count and order
-never change a byte. Streaming: a worker writes its clip's files and returns only a
-small row; media never travel between processes. A killed run leaves no listing
+never change a byte. Dialogues (`dialogues.py`) only arrange the planned clips into
+conversations from their own RNG stream; with `inertia` 0 every clip is as planned.
+Streaming: a worker writes its clip's files and returns only a small row; media never
+travel between processes. A killed run leaves no listing
 (the old one is removed first, the new one written last and atomically).
 """
 from __future__ import annotations
@@ -23,12 +25,12 @@ import soundfile as sf
 from tqdm import tqdm
 
 from pipeline.core.atomic import atomic_path, write_json
-from pipeline.corpus import audio, breakage, text, video
+from pipeline.corpus import audio, breakage, dialogues, text, video
 from pipeline.corpus.config import CorpusConfig
 from pipeline.corpus.speakers import Speaker, make_speakers
 from pipeline.formats.manifest import META_KEY, manifest_meta
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: dialogue and turn columns (clips unchanged at inertia 0)
 LISTING_NAME = "listing.parquet"
 DOMAIN_STREAM = {"source": 0, "shifted": 1}
 
@@ -37,6 +39,8 @@ LISTING_SCHEMA = pa.schema(
         ("utterance_id", pa.string()),
         ("session", pa.string()),
         ("speaker", pa.string()),
+        ("dialogue", pa.string()),
+        ("turn", pa.int64()),
         ("label", pa.string()),
         ("domain", pa.string()),
         ("audio_path", pa.string()),
@@ -112,6 +116,7 @@ def plan_corpus(cfg: CorpusConfig) -> list[dict[str, Any]]:
     if cfg.shifted_domain:
         parts.append(("shifted", cfg.shifted_sessions, cfg.shifted_utterances))
     for domain, sessions, n_utts in parts:
+        start = len(jobs)
         rng = np.random.default_rng([cfg.seed, 1009, DOMAIN_STREAM[domain]])
         speakers = make_speakers(cfg.seed, sessions, cfg.speakers_per_session, domain)
         per_speaker = np.full(len(speakers), n_utts // len(speakers))
@@ -141,6 +146,8 @@ def plan_corpus(cfg: CorpusConfig) -> list[dict[str, Any]]:
                     "breakage": broken[i],
                 }
             )
+        # conversations over the planned clips: own RNG stream, labels change only when inertia > 0
+        dialogues.arrange_dialogues(jobs[start:], cfg.seed, DOMAIN_STREAM[domain], cfg.dialogue_turns, cfg.inertia)
     return jobs
 
 
@@ -213,6 +220,8 @@ def render_utterance(task: tuple[dict[str, Any], str, dict[str, Any]]) -> dict[s
         "utterance_id": uid,
         "session": sp.session,
         "speaker": sp.speaker_id,
+        "dialogue": job["dialogue"],
+        "turn": job["turn"],
         "label": label,
         "domain": job["domain"],
         "audio_path": audio_rel,
@@ -248,4 +257,5 @@ def _counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "by_domain": tally("domain"),
         "by_breakage": dict(sorted(Counter(r["gt_breakage"] for r in rows if r["gt_breakage"]).items())),
         "total_duration_s": round(sum(r["gt_duration_s"] for r in rows), 2),
+        **dialogues.dialogue_counts(rows),
     }

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -37,6 +38,10 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 META_KEY = b"imer"
+# Optional conversation structure: the dialogue an utterance belongs to and its position in it.
+# Without them (or with a null dialogue) an utterance is a dialogue of its own at turn 0.
+DIALOGUE_COLUMNS: tuple[str, ...] = ("dialogue", "turn")
+DIALOGUE_TYPES: dict[str, pa.DataType] = {"dialogue": pa.string(), "turn": pa.int64()}
 
 
 def manifest_meta(task: str, classes: list[str] | None, source: str, extra: dict[str, Any] | None = None) -> dict:
@@ -56,9 +61,11 @@ def write_manifest(table: pa.Table, path: str | Path, meta: dict) -> None:
     ids = table.column("utterance_id").to_pylist()
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate utterance_id values")
+    _check_dialogues(table, path)
     extra_cols = [c for c in table.column_names if c not in MANIFEST_SCHEMA.names]
     ordered = table.select(MANIFEST_SCHEMA.names + extra_cols)
-    ordered = ordered.cast(pa.schema(list(MANIFEST_SCHEMA) + [ordered.schema.field(c) for c in extra_cols]))
+    extra_fields = [pa.field(c, DIALOGUE_TYPES[c]) if c in DIALOGUE_TYPES else ordered.schema.field(c) for c in extra_cols]
+    ordered = ordered.cast(pa.schema(list(MANIFEST_SCHEMA) + extra_fields))
     ordered = ordered.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(ordered, tmp)
@@ -74,3 +81,48 @@ def read_manifest(path: str | Path) -> tuple[pa.Table, dict]:
     if raw is None:
         raise ValueError(f"{path}: not an imer manifest (no '{META_KEY.decode()}' metadata)")
     return table, json.loads(raw)
+
+
+def _check_dialogues(table: pa.Table, path: str | Path) -> None:
+    """`turn` needs `dialogue`; turns are whole numbers >= 0; a turn on a row without a dialogue is an error."""
+    names = table.column_names
+    if "turn" in names and "dialogue" not in names:
+        raise ValueError(f"{path}: manifest has a 'turn' column but no 'dialogue' column; a turn is a position inside a dialogue")
+    if "turn" not in names:
+        return
+    try:
+        turns = table.column("turn").cast(pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"{path}: manifest column 'turn' must hold non-negative integers ({exc})") from exc
+    values = np.asarray(turns.to_pylist(), dtype=object)
+    dialogues = np.asarray(table.column("dialogue").to_pylist(), dtype=object)
+    negative = [i for i, t in enumerate(values) if t is not None and t < 0]
+    if negative:
+        i = negative[0]
+        raise ValueError(f"{path}: manifest column 'turn' has negative values ({len(negative)} rows, e.g. "
+                         f"utterance {table.column('utterance_id')[i].as_py()!r}: {values[i]})")
+    orphan = [i for i in range(len(values)) if values[i] is not None and dialogues[i] is None]
+    if orphan:
+        raise ValueError(f"{path}: manifest rows have a 'turn' but no 'dialogue' ({len(orphan)} rows, e.g. "
+                         f"utterance {table.column('utterance_id')[orphan[0]].as_py()!r})")
+
+
+def read_dialogues(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) dialogue id (str, object array) and (N,) turn (int64) per manifest row.
+
+    A manifest without the columns (older ones, imports without conversation structure)
+    or a row with a null dialogue makes each such utterance its own dialogue: dialogue =
+    utterance_id, turn = 0. Order inside a dialogue: by turn, ties by manifest row.
+    """
+    ids = np.asarray(table.column("utterance_id").to_pylist(), dtype=object)
+    if "dialogue" not in table.column_names:
+        return ids.copy(), np.zeros(len(ids), dtype=np.int64)
+    dialogue = np.asarray(table.column("dialogue").to_pylist(), dtype=object)
+    own = np.asarray([d is None for d in dialogue], dtype=bool)
+    dialogue[own] = ids[own]
+    turn = np.zeros(len(ids), dtype=np.int64)
+    if "turn" in table.column_names:
+        raw = table.column("turn").to_pylist()
+        turn[:] = [0 if t is None else int(t) for t in raw]
+    turn[own] = 0
+    return np.asarray([str(d) for d in dialogue], dtype=object), turn

@@ -3,7 +3,8 @@
 Label pickle: a list
     [videoIDs, videoLabels, videoSpeakers, videoSentences, trainVids, testVids]            (IEMOCAP)
     [videoIDs, videoLabels, videoSpeakers, videoSentences, trainVids, valVids, testVids]   (CMU-MOSI/MOSEI)
-where the first four map a dialogue (video) id to per-utterance lists, in order.
+where the first four map a dialogue (video) id to per-utterance lists, in order: the
+dialogue id and the position in its list become the manifest's `dialogue` and `turn`.
 Features: `<folder>/<utterance_id>.npy` of shape [T, d] or [d]; visual may instead be
 a folder `<folder>/<utterance_id>/` of per-face `.npy` files (one per detected face
 frame), reduced by `face_reduce`: "mean" averages the faces into one step (what the
@@ -33,6 +34,7 @@ class Utterance:
 
     utterance_id: str
     dialogue_id: str
+    turn: int  # position in its dialogue's list (spoken order)
     session: str
     speaker: str
     speaker_tag: str
@@ -79,11 +81,11 @@ def read_labels(path: str | Path, dataset: str, classes: list[str] | None, encod
                 f"{path}: dialogue {vid!r} has {len(uids)} ids, {len(ys)} labels and {len(spks)} speakers; they must match"
             )
         session = _session(vid, dataset, path)
-        for uid, y, spk in zip(uids, ys, spks):
+        for turn, (uid, y, spk) in enumerate(zip(uids, ys, spks)):
             tag = _text(spk)
             label, score = _target(y, classes, path, _text(uid))
             speaker = f"{session}_{tag}" if dataset.startswith("iemocap") else vid
-            out.append(Utterance(_text(uid), vid, session, speaker, tag, label, score, split_of.get(vid)))
+            out.append(Utterance(_text(uid), vid, turn, session, speaker, tag, label, score, split_of.get(vid)))
     seen: set[str] = set()
     for u in out:
         if u.utterance_id in seen:

@@ -2,6 +2,8 @@
 
 One pickle: {"train"|"valid"|"test": {"text": (N, T_t, d_t), "audio": (N, T_a, d_a),
 "vision": (N, T_v, d_v), "regression_labels": (N,), "id": (N,) "video$_$clip", ...}}.
+The video is the manifest's `dialogue` (and session and speaker: one speaker's
+monologue), the clip index its `turn`.
 Optional per split: "audio_lengths"/"vision_lengths" (N,), and "text_bert" (N, 3, T_t)
 token ids / attention mask / segment ids, whose mask row gives the text lengths.
 
@@ -148,6 +150,25 @@ def release_pages(arr: np.ndarray) -> None:
 def split_session(uid: str) -> str:
     """The video of an MMSA id ("video$_$clip" -> "video"): one speaker's monologue."""
     return uid.split(ID_SEP, 1)[0]
+
+
+def dialogue_turns(uids: list[str]) -> tuple[list[str], list[int]]:
+    """Per id its dialogue (the video) and turn (the clip index of "video$_$clip").
+
+    A video whose clip parts are not all whole numbers >= 0 numbers its clips in the
+    order they appear in the pickle instead (the turn order is then the file's order).
+    """
+    videos = [split_session(u) for u in uids]
+    clips = [u.split(ID_SEP, 1)[1] if ID_SEP in u else "" for u in uids]
+    numeric: dict[str, bool] = {}
+    for video, clip in zip(videos, clips):
+        numeric[video] = numeric.get(video, True) and clip.isascii() and clip.isdigit()
+    seen: dict[str, int] = {}
+    turns = []
+    for video, clip in zip(videos, clips):
+        turns.append(int(clip) if numeric[video] else seen.get(video, 0))
+        seen[video] = seen.get(video, 0) + 1
+    return videos, turns
 
 
 def row_items(split: MmsaSplit, m: str, start: int, stop: int) -> tuple[list[tuple[np.ndarray | None, str | None]], list[str]]:

@@ -106,7 +106,8 @@ def _import_gcnet(cfg: ImportConfig, staged: dict[str, Path]) -> tuple[dict[str,
         "label": [u.label for u in utts],
         "score": [u.score for u in utts],
         "split": [u.split for u in utts],
-        "dialogue_id": [u.dialogue_id for u in utts],
+        "dialogue": [u.dialogue_id for u in utts],
+        "turn": [u.turn for u in utts],
         "speaker_tag": [u.speaker_tag for u in utts],
     }
     if dropped:
@@ -155,6 +156,7 @@ def _import_mmsa_splits(cfg: ImportConfig, staged: dict[str, Path], spill: Path)
         "score": [float(x) for s in splits for x in s.scores],
         "split": [s.name for s in splits for _ in s.ids],
     }
+    rows["dialogue"], rows["turn"] = mmsa.dialogue_turns(uids)
     return rows, tables
 
 
@@ -213,9 +215,11 @@ def _manifest_table(rows: dict[str, list], tables: dict[str, dict]) -> pa.Table:
     for m in MODALITIES:
         cols[f"{m}_missing"] = pa.array(tables[m]["reasons"], pa.string())
     cols["split"] = pa.array(rows["split"], pa.string())
-    for extra in ("dialogue_id", "speaker_tag"):
+    for extra in ("dialogue", "speaker_tag"):
         if extra in rows:
             cols[extra] = pa.array(rows[extra], pa.string())
+    if "turn" in rows:
+        cols["turn"] = pa.array(rows["turn"], pa.int64())
     return pa.table(cols)
 
 
