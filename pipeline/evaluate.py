@@ -23,6 +23,7 @@ from pipeline.core.atomic import write_json
 from pipeline.core.metrics import DEFAULT_SELECTION, METRICS, score_outputs
 from pipeline.core.modalities import COMBINATIONS, MASKS, formable_combinations
 from pipeline.formats.split_store import read_random_masks
+from pipeline.methods.context import reads_dialogue
 from pipeline.methods.routing import model_modalities, route
 from pipeline.tracking.pyfunc import frame_from_arrays
 from pipeline.training.data import MultimodalData, train_prior
@@ -76,14 +77,13 @@ def _one_pass(model, view: MultimodalData, protocols: dict, serving: dict, batch
     outputs = {key: np.zeros((n, k)) for key in protocols}  # (n, K) per protocol
     empties = {key: 0 for key in protocols}
     target = np.zeros(n, dtype=view.target.dtype)
-    for start in range(0, n, batch_size):
-        local = np.arange(start, min(n, start + batch_size))
+    for local in view.read_batches(batch_size, by_dialogue=reads_dialogue(model)):
         batch = view.batch(local)  # the single read of these rows
         target[local] = batch["target"].numpy()
         presence = batch["natural"].numpy()  # (B, 3)
         for key, mask in protocols.items():
             routed = route(model, batch["features"], batch["lengths_natural"], presence,
-                           mask[local] if mask.ndim == 2 else mask, serving["prior"])
+                           mask[local] if mask.ndim == 2 else mask, serving["prior"], dialogue=batch["dialogue"])
             outputs[key][local] = routed.output
             empties[key] += int((routed.combination < 0).sum())
     return outputs, empties, target

@@ -40,6 +40,7 @@ def make_feature_dataset(
     shifted_sessions: int = 2,
     shift: float = 1.5,
     modalities: tuple[str, ...] = MODALITY_ORDER,
+    dialogue_turns: int = 0,
 ) -> tuple[Path, Path]:
     """Write `manifest.parquet` and `features/{acoustic,textual,visual}.arrow` under `directory`.
 
@@ -52,6 +53,8 @@ def make_feature_dataset(
     1.5x scale (text unchanged), drawn from their own RNG stream, so the source rows are
     byte-identical to `shifted=0`. `modalities` lists the letters the dataset has (e.g. ("t",) for a
     text-only corpus): the others are absent in every row (their tables hold only missing rows).
+    `dialogue_turns` > 0 adds manifest `dialogue`/`turn` columns: each session's rows, in order, form
+    dialogues of that many turns (the last one shorter); labels stay independent of the dialogue.
     Returns (manifest_path, features_dir).
     """
     directory = Path(directory)
@@ -162,6 +165,17 @@ def make_feature_dataset(
     }
     for name in ("audio_path", "text_path", "video_path", "audio_missing", "text_missing", "video_missing"):
         columns[name] = pa.array([None] * len(all_ids), pa.string())
+    if dialogue_turns > 0:
+        n_all = len(all_ids)
+        sess = np.asarray(session, dtype=object)
+        dialogue, turn = [], []
+        for s_name in dict.fromkeys(sess.tolist()):  # each session's rows in order
+            rows = np.flatnonzero(sess == s_name)
+            dialogue += [(r, f"{s_name}_d{k // dialogue_turns:03d}") for k, r in enumerate(rows.tolist())]
+            turn += [(r, k % dialogue_turns) for k, r in enumerate(rows.tolist())]
+        columns["dialogue"] = pa.array([d for _, d in sorted(dialogue)], pa.string())
+        columns["turn"] = pa.array([t for _, t in sorted(turn)], pa.int64())
+        assert len(columns["turn"]) == n_all
     if split_column:
         last, second = sessions - 1, sessions - 2
         split = np.where(session_idx == last, "test", np.where(session_idx == second, "val", "train"))

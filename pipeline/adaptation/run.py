@@ -46,6 +46,9 @@ def run_adaptation(cfg: AdaptConfig) -> dict[str, Any]:
     domain = _pick_domain(cfg.domain, {d for d in domain_of.values() if d != SOURCE_DOMAIN})
     src_sha = file_digest(cfg.model)
     source, extra = load_model(cfg.model)
+    if getattr(source.config, "context", "utterance") == "dialogue":
+        raise ValueError(f"{cfg.model}: adapt supports utterance-context models only (this one was trained with "
+                         "train.context: dialogue); adapt an utterance model or skip the stage")
     data = MultimodalData.load(cfg.manifest, cfg.features_dir, cfg.splits_dir,
                                include=("val", *SHIFTED_SPLITS))
     _check_compatible(source, extra, data, cfg.model)

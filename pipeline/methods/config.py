@@ -5,7 +5,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 VARIANTS = ("mculora", "no_specific", "plain")
-ADAPT_TARGETS = ("input", "encoder_mlp", "fusion", "head")
+ADAPT_TARGETS = ("input", "encoder_mlp", "fusion", "head", "context")  # "context": dialogue mode only
+CONTEXTS = ("utterance", "dialogue")  # train.context
+CONTEXT_DEFAULTS = {"n_layers": 1, "n_heads": None, "causal": False, "max_turns": 128, "max_speakers": 4}
 MIXED_MODES = ("group", "gather")
 
 
@@ -31,6 +33,8 @@ class ModelConfig:
     lambda_uni: float = 0.0  # unimodal auxiliary heads are not implemented; must stay 0
     options: dict[str, Any] = field(default_factory=dict)  # method-specific settings (the method validates them)
     modalities: tuple[str, ...] = ("a", "t", "v")  # modalities the training split has (dataset-aware)
+    context: str = "utterance"  # "dialogue": a context encoder over each dialogue's turns (methods/context.py)
+    context_options: dict[str, Any] = field(default_factory=dict)  # n_layers, n_heads, causal, max_turns, max_speakers
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. feature config hash)
 
     def __post_init__(self) -> None:
@@ -51,6 +55,14 @@ class ModelConfig:
         unknown = set(self.adapt_targets) - set(ADAPT_TARGETS)
         if unknown:
             raise ValueError(f"ModelConfig.adapt_targets: unknown {sorted(unknown)}; allowed {ADAPT_TARGETS}")
+        if self.context not in CONTEXTS:
+            raise ValueError(f"ModelConfig.context must be one of {CONTEXTS}, got {self.context!r}")
+        unknown = set(self.context_options) - set(CONTEXT_DEFAULTS)
+        if unknown:
+            raise ValueError(f"context options: unknown {sorted(unknown)}; allowed {sorted(CONTEXT_DEFAULTS)}")
+        self.context_options = {**CONTEXT_DEFAULTS, **self.context_options}
+        if int(self.context_options["max_turns"]) < 1 or int(self.context_options["max_speakers"]) < 1:
+            raise ValueError("context options: max_turns and max_speakers must be >= 1")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.lora_rank < 1:

@@ -155,6 +155,10 @@ class MPLMMNet(nn.Module):
             else:
                 self.mult.set_input_statistics(m, torch.as_tensor(mean), torch.as_tensor(std))
 
+    def context_head(self) -> nn.Module:
+        """The head whose input is the per-utterance state (dialogue context goes in front of it)."""
+        return self.head if self.backbone == "imer" else self.mult.head
+
     def group_of(self, name: str) -> str:
         """Parameter group: prompts_* | input_proj | head | backbone."""
         if name.startswith("prompts."):

@@ -36,8 +36,14 @@ def method_class(name: str) -> type[nn.Module]:
 
 
 def build_network(config: Any) -> nn.Module:
-    """The network of `config.method`, freshly initialised."""
-    return method_class(config.method)(config)
+    """The network of `config.method`, freshly initialised (with a dialogue context encoder in
+    front of its head when `config.context == "dialogue"`, see pipeline/methods/context.py)."""
+    net = method_class(config.method)(config)
+    if getattr(config, "context", "utterance") == "dialogue":
+        from pipeline.methods.context import attach_context
+
+        attach_context(net)
+    return net
 
 
 def default_model_name(method: str) -> str:

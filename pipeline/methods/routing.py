@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.core.modalities import MODALITY_ORDER, mask_to_index
+from pipeline.methods.context import DialogueLayout, forward_extras
 
 
 @dataclass
@@ -46,12 +47,14 @@ def effective_mask(presence: np.ndarray, lengths: dict[str, np.ndarray], protoco
 @torch.no_grad()
 def route(model: torch.nn.Module, features: dict[str, torch.Tensor], lengths: dict[str, torch.Tensor],
           presence: np.ndarray, protocol: np.ndarray, prior: Sequence[float],
-          index: torch.Tensor | None = None) -> Routed:
+          index: torch.Tensor | None = None, dialogue: DialogueLayout | None = None) -> Routed:
     """Route every sample of one batch under one protocol mask; see the module docstring.
 
     `features` (N, T, d) and `lengths` (N,) are the natural ones (any device); `presence` (N, 3)
     the natural presence. The model must be in eval mode (the caller's job). `index` (N,), the
-    rows' positions, reaches only models that set `reads_row_index` (Wander's backbone cache).
+    rows' positions, reaches only models that set `reads_row_index` (Wander's backbone cache);
+    `dialogue` (the rows' places in their conversations) only dialogue-context models, and only
+    for the routed rows: a row left with no modality takes no part in its dialogue's context.
     """
     lens_np = {m: lengths[m].detach().cpu().numpy() for m in MODALITY_ORDER}
     eff = effective_mask(presence, lens_np, protocol, model_modalities(model))  # (N, 3)
@@ -65,8 +68,8 @@ def route(model: torch.nn.Module, features: dict[str, torch.Tensor], lengths: di
         eff_t = torch.as_tensor(eff[rows], device=device)  # (R, 3)
         lens = {m: torch.where(eff_t[:, j], lengths[m].to(device).index_select(0, idx), 0)
                 for j, m in enumerate(MODALITY_ORDER)}
-        extra = {"index": index.to(device).index_select(0, idx)} \
-            if index is not None and getattr(model, "reads_row_index", False) else {}
+        extra = forward_extras(model, None if index is None else index.to(device).index_select(0, idx),
+                               None if dialogue is None else dialogue.select(idx))
         pred = model({m: features[m].index_select(0, idx) for m in MODALITY_ORDER}, lens, eff_t,
                      torch.as_tensor(comb[rows], dtype=torch.long, device=device), **extra).prediction  # (R, K)
         if model.config.task == "classification":

@@ -270,7 +270,7 @@ class WanderNet(MCULoRANet):
             counts["total"] += n
             counts["trainable"] += n if p.requires_grad else 0
             group = "adapter" if name.startswith(("adapters.", "up.")) else name.split(".")[0]
-            counts[group] += n
+            counts[group] = counts.get(group, 0) + n  # `context` in dialogue mode
         counts["frozen"] = counts["total"] - counts["trainable"]
         return counts
 

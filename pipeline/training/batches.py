@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from pipeline.core.modalities import COMBINATIONS, mask_to_index
 from pipeline.training.data import MultimodalData
+from pipeline.training.grouping import cut_groups, group_order
 
 N_COMB = len(COMBINATIONS)
 
@@ -41,18 +42,23 @@ class BatchDataset(Dataset):
 
 
 class MaskedPassSampler:
-    """A seeded shuffled pass over `rows`, each sample with a mask from `_masks`."""
+    """A seeded shuffled pass over `rows`, each sample with a mask from `_masks`. With `groups`
+    (N,) (dialogue mode) the pass shuffles whole groups and batches never split one."""
 
-    def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None):
+    def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None,
+                 groups: np.ndarray | None = None):
         self.natural = np.asarray(natural, dtype=bool)  # (N, 3)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.allowed = np.ones(N_COMB, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)  # (7,)
+        self.groups = None if groups is None else np.asarray(groups)
         self.usable = self._rows()
         self.epoch = 0
         self.history: list[dict[str, int]] = []
         self.last_counts: dict[str, int] = {}
 
     def __len__(self) -> int:
+        if self.groups is not None:  # whole-group batches: the count depends on the epoch's order
+            return len(self.draw_epoch(self.epoch))
         return int(np.ceil(len(self.usable) / self.batch_size))
 
     def _rows(self) -> np.ndarray:
@@ -64,6 +70,11 @@ class MaskedPassSampler:
     def draw_epoch(self, epoch: int) -> list[BatchKey]:
         """The batches of `epoch` (BatchKeys): a pure function of (seed, epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
+        if self.groups is not None:
+            order = group_order(self.groups, self.usable, rng)
+            masks = self._masks(self.natural[order], rng)  # (N, 3)
+            ends = np.cumsum([len(b) for b in cut_groups(self.groups, order, self.batch_size)])  # contiguous cuts
+            return [BatchKey(index=order[s:e], mask=masks[s:e]) for s, e in zip(np.r_[0, ends[:-1]], ends)]
         order = rng.permutation(self.usable)
         masks = self._masks(self.natural[order], rng)  # (N, 3)
         return [BatchKey(index=order[s:s + self.batch_size], mask=masks[s:s + self.batch_size])

@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.core.modalities import COMBINATIONS, MASKS, MODALITY_ORDER
+from pipeline.methods.context import forward_extras
 from pipeline.methods.losses import task_loss
 from pipeline.training.cggm_parts import (CGGMConfig, EpochStats, ProgressSignal, UnimodalClassifier, coefficients,
                                          logit_gradient, masked_cosine, modality_parameters, row_score)
@@ -259,7 +260,8 @@ class CGGM(nn.Module):
                 if not bool(keep.any()) or not set(name) <= set(self.modalities):
                     continue
                 sub = select_rows(with_mask(monitor_batch, mask_c, c), keep)
-                out = model(sub["features"], sub["lengths"], sub["mask"], c)
+                out = model(sub["features"], sub["lengths"], sub["mask"], c,
+                            **forward_extras(model, dialogue=sub.get("dialogue")))
                 scores = {}
                 for m in name:
                     w = out.modality_mask[:, MODALITY_ORDER.index(m)].to(out.prediction.dtype)

@@ -24,7 +24,7 @@ class ModelParams:
     n_heads: int = 4
     d_fusion: int = 128  # width after fusing [h_a; h_t; h_v]
     dropout: float = 0.1
-    adapt_targets: tuple[str, ...] = ("input", "encoder_mlp", "fusion", "head")  # where MCLA adapters sit
+    adapt_targets: tuple[str, ...] = ("input", "encoder_mlp", "fusion", "head", "context")  # where MCLA adapters sit
     mixed_mode: str = "group"  # mixed-combination batches: group rows by combination, or gather adapters
 
 
@@ -42,6 +42,16 @@ class DPFTParams:
     q_min: float = 0.05
     q_max: float = 0.4
     monitor_size: int = 256  # fixed TRAINING monitoring subset for separability
+
+
+@dataclass
+class ContextParams:
+    """The context encoder of `context: dialogue` (pipeline/methods/context.py)."""
+    n_layers: int = 1  # transformer layers over a dialogue's turns
+    n_heads: int | None = None  # None = model.n_heads
+    causal: bool = False  # true: a turn sees only earlier turns (online use, later turns unknown)
+    max_turns: int = 128  # learned turn positions; later turns share the last one
+    max_speakers: int = 4  # speaker roles (order of first appearance in the dialogue)
 
 
 @dataclass
@@ -75,7 +85,9 @@ class TrainConfig:
     lambda_ort: float = 0.1  # MCULoRA orthogonality loss weight
     regression_loss: str = "l1"  # l1 | mse
     selection_metric: str | None = None  # None = the task's default (pipeline.core.metrics)
+    context: str = "utterance"  # utterance | dialogue (conversation context across utterances)
     model: ModelParams = field(default_factory=ModelParams)
+    context_encoder: ContextParams = field(default_factory=ContextParams)
     lora: LoraParams = field(default_factory=LoraParams)
     dpft: DPFTParams = field(default_factory=DPFTParams)
     mlflow: MLflowParams = field(default_factory=MLflowParams)
@@ -89,6 +101,10 @@ class TrainConfig:
         if not 0.0 <= self.min_modality_share <= 1.0:
             raise ValueError(f"train.min_modality_share must lie in [0, 1], got {self.min_modality_share}")
         self.model.adapt_targets = tuple(self.model.adapt_targets)
+        from pipeline.methods.config import CONTEXTS
+
+        if self.context not in CONTEXTS:
+            raise ValueError(f"train.context must be one of {CONTEXTS}, got {self.context!r}")
 
     # ------------------------------------------------------------------ construction
     @classmethod

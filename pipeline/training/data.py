@@ -16,8 +16,11 @@ import torch
 
 from pipeline.core.modalities import MASKS, MODALITY_ORDER, TABLE_NAME, mask_to_index
 from pipeline.formats.feature_table import read_feature_table
-from pipeline.formats.manifest import read_manifest
+from pipeline.formats.manifest import read_dialogues, read_manifest
 from pipeline.core.hashing import file_digest
+from pipeline.methods.context import DialogueLayout, dense_layout, singleton_layout
+from pipeline.training.grouping import batch_rows
+from pipeline.training.statistics import feature_statistics  # noqa: F401  (re-exported)
 from pipeline.formats.split_store import check_domain_separation, natural_presence, read_assignment, row_domains
 
 
@@ -41,6 +44,10 @@ class MultimodalData:
     feature_meta: dict[str, dict] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     positions: np.ndarray | None = None  # (n,) int64 into the aligned axis; None = all
+    # conversation structure (manifest `dialogue`, `turn`, `speaker`); None = every row its own dialogue
+    dialogue: np.ndarray | None = None  # (N,) str dialogue id
+    turn: np.ndarray | None = None  # (N,) int64 turn number inside the dialogue
+    speaker: np.ndarray | None = None  # (N,) str speaker id
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -84,6 +91,8 @@ class MultimodalData:
             length = np.where(r >= 0, ft.length[np.maximum(r, 0)], 0).astype(np.int64)
             lengths[m] = np.where(natural[:, MODALITY_ORDER.index(m)], length, 0)
             feature_meta[m] = dict(ft.meta)
+        dialogue, turn = read_dialogues(table)
+        speaker = np.asarray(table.column("speaker").to_pylist(), dtype=object).astype(str)
         provenance = {"manifest_sha256": file_digest(manifest), "features": table_info}
         splits_json = Path(splits_dir) / "splits.json"
         if splits_json.exists():
@@ -91,7 +100,8 @@ class MultimodalData:
 
             provenance["splits_hash"] = json.loads(splits_json.read_text()).get("content_hash")
         return cls(ids, features, rows, lengths, natural, target, split_all[keep], task, classes,
-                   feature_meta, provenance)
+                   feature_meta, provenance, dialogue=np.asarray(dialogue).astype(str)[keep],
+                   turn=np.asarray(turn, dtype=np.int64)[keep], speaker=speaker[keep])
 
     # ---------------------------------------------------------------- views
     def _pos(self) -> np.ndarray:
@@ -131,6 +141,24 @@ class MultimodalData:
 
     def view_split(self) -> np.ndarray:
         return self.split[self._pos()]
+
+    def dialogue_groups(self) -> np.ndarray:
+        """(n,) int64 dialogue code of each row of this view (each row its own without dialogues)."""
+        pos = self._pos()
+        if self.dialogue is None:
+            return np.arange(len(pos), dtype=np.int64)
+        return np.unique(self.dialogue[pos], return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+    def dialogue_layout(self, local: np.ndarray) -> DialogueLayout:
+        """Where rows `local` of this view sit in their dialogues (see pipeline/methods/context.py)."""
+        pos = self._pos()[np.asarray(local, dtype=np.int64)]
+        if self.dialogue is None:
+            return singleton_layout(len(pos))
+        return dense_layout(self.dialogue[pos], self.turn[pos], self.speaker[pos])
+
+    def read_batches(self, batch_size: int, by_dialogue: bool) -> list[np.ndarray]:
+        """Local indices in read batches; `by_dialogue` keeps every dialogue inside one batch."""
+        return batch_rows(len(self), batch_size, self.dialogue_groups() if by_dialogue else None)
 
     def modality_shares(self) -> dict[str, float]:
         """Share of this view's rows in which each modality is naturally present (with a non-empty sequence)."""
@@ -203,6 +231,7 @@ class MultimodalData:
             "combination": comb,
             "target": torch.as_tensor(target),
             "index": torch.as_tensor(pos),
+            "dialogue": self.dialogue_layout(local),
         }
 
 
@@ -218,43 +247,6 @@ def train_prior(data: MultimodalData) -> list[float]:
     if data.task == "classification":
         return (np.bincount(y.astype(np.int64), minlength=len(data.classes)) / len(y)).tolist()
     return [float(np.mean(y))]
-
-
-def feature_statistics(data: MultimodalData, chunk: int = 512) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-feature (mean, std) of each modality over the valid frames of the view's present samples.
-
-    Raw features live on wildly different scales (eGeMAPS loudness vs. spectral
-    slopes, HOG cells ~1e-2); fitted on the train view only, so no val/test statistic
-    leaks into the model. Reads table rows in sorted chunks: MOSEI-size tables stay
-    memory-mapped, accumulators are float64.
-    """
-    pos = data._pos()
-    stats = {}
-    for j, m in enumerate(MODALITY_ORDER):
-        lens = data.lengths[m][pos]
-        sel = data.natural[pos, j] & (lens > 0)
-        rows, lens = data.rows[m][pos][sel], lens[sel]
-        order = np.argsort(rows, kind="stable")
-        rows, lens = rows[order], lens[order]  # ascending table rows: sequential reads
-        d = data.features[m].shape[2]
-        total, total_sq, count, shift = np.zeros(d), np.zeros(d), 0, None
-        for start in range(0, len(rows), chunk):
-            x = np.asarray(data.features[m][rows[start:start + chunk]], dtype=np.float64)  # (n, T, d)
-            valid = np.arange(x.shape[1])[None, :] < lens[start:start + chunk, None]  # (n, T)
-            frames = x[valid]  # (frames, d)
-            if shift is None:  # sums of shifted values keep the variance exact for large means
-                shift = frames.mean(axis=0)
-            frames -= shift
-            total += frames.sum(axis=0)
-            total_sq += np.square(frames).sum(axis=0)
-            count += frames.shape[0]
-        if count == 0:
-            stats[m] = (np.zeros(d, np.float32), np.ones(d, np.float32))
-            continue
-        mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-        stats[m] = ((mean + shift).astype(np.float32), std.astype(np.float32))
-    return stats
 
 
 def with_mask(batch: dict[str, Any], mask: np.ndarray | torch.Tensor, combination: int | None) -> dict[str, Any]:
@@ -282,6 +274,7 @@ def select_rows(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
         "combination": comb[keep] if isinstance(comb, torch.Tensor) else comb,
         "target": batch["target"][keep],
         "index": batch["index"][keep],
+        **({"dialogue": batch["dialogue"].select(keep)} if batch.get("dialogue") is not None else {}),
     }
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.modalities import COMBINATIONS, MASKS, MODALITY_ORDER
+from pipeline.methods.context import forward_extras
 
 MODES = ("separability", "uniform", "val_accuracy")
 DEFAULT_SCHEDULE = (1.0, 0.5, 0.25, 0.0, -0.25, -0.5, -1.0)
@@ -153,7 +154,8 @@ def separability(model: torch.nn.Module, batch: Mapping[str, Any]) -> np.ndarray
     try:
         for c, name in enumerate(COMBINATIONS):
             mask_c = natural & torch.as_tensor(MASKS[c], device=natural.device)  # (B, 3)
-            out = model(batch["features"], batch["lengths"], mask_c, combination=c)
+            out = model(batch["features"], batch["lengths"], mask_c, combination=c,
+                        **forward_extras(model, dialogue=batch.get("dialogue")))
             per_m = []
             for i, m in enumerate(MODALITY_ORDER):
                 present = out.modality_mask[:, i]

@@ -21,11 +21,11 @@ class EtaDropoutSampler(MaskedPassSampler):
     1.5 eta of its 3 modalities on average (eta 0.7 ~ missing rate 0.35; never above 0.5)."""
 
     def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None = None,
-                 eta: float = 0.7):
+                 eta: float = 0.7, groups: np.ndarray | None = None):
         if not 0.0 <= float(eta) <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
         self.eta = float(eta)
-        super().__init__(natural, batch_size, seed, allowed)
+        super().__init__(natural, batch_size, seed, allowed, groups)
 
     def _subsets(self, nat: np.ndarray) -> np.ndarray:
         """(N, 7): allowed non-empty subsets of each natural set."""
@@ -51,8 +51,9 @@ class EtaDropoutSampler(MaskedPassSampler):
 class CompleteRowsSampler(MaskedPassSampler):
     """Only the naturally complete rows, all modalities kept (MPLMM's faithful stage 1)."""
 
-    def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None = None):
-        super().__init__(natural, batch_size, seed, allowed)
+    def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None = None,
+                 groups: np.ndarray | None = None):
+        super().__init__(natural, batch_size, seed, allowed, groups)
 
     def _full(self) -> np.ndarray:
         return MASKS[self.allowed].any(axis=0)  # (3,) every modality of the formable combinations

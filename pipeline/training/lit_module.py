@@ -19,6 +19,7 @@ import torch
 from pipeline.core.metrics import METRICS, score_outputs
 from pipeline.core.metrics import selection_metric as resolve_selection_metric
 from pipeline.core.modalities import COMBINATIONS, MASKS
+from pipeline.methods.context import forward_extras
 from pipeline.methods.losses import task_loss
 from pipeline.methods.routing import route
 
@@ -66,8 +67,8 @@ class MethodModule(pl.LightningModule):
     # ------------------------------------------------------------------ shared step
     def model_step(self, batch: dict) -> tuple[Any, torch.Tensor, dict[str, tuple[float, torch.Tensor]]]:
         """Forward one batch; returns (output, task loss, the method's weighted auxiliary losses)."""
-        rows = {"index": batch["index"]} if getattr(self.model, "reads_row_index", False) else {}  # cached states
-        out = self.model(batch["features"], batch["lengths"], batch["mask"], batch["combination"], **rows)
+        extras = forward_extras(self.model, batch["index"], batch.get("dialogue"))  # cached states, dialogues
+        out = self.model(batch["features"], batch["lengths"], batch["mask"], batch["combination"], **extras)
         l_task = task_loss(out.prediction, batch["target"], self.task, self.regression_loss)
         aux = self.model.auxiliary_losses(out, batch) if hasattr(self.model, "auxiliary_losses") else {}
         for component in self.components:
@@ -96,7 +97,8 @@ class MethodModule(pl.LightningModule):
         target = batch["target"].cpu().numpy()
         for c in self.combinations:
             routed = route(self.model, batch["features"], batch["lengths_natural"], presence,
-                           MASKS[COMBINATIONS.index(c)], self.prior, index=batch["index"])
+                           MASKS[COMBINATIONS.index(c)], self.prior, index=batch["index"],
+                           dialogue=batch.get("dialogue"))
             self._val[c]["empty"][0] += int((routed.combination < 0).sum())
             self._val[c]["out"].append(routed.output)
             self._val[c]["true"].append(target)

@@ -9,7 +9,7 @@ split never reaches this module.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -67,7 +67,8 @@ def build_model_config(data: MultimodalData, cfg: TrainConfig, modalities: tuple
         lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, variant=cfg.variant,
         adapt_targets=tuple(cfg.model.adapt_targets), mixed_mode=cfg.model.mixed_mode, lambda_ort=cfg.lambda_ort,
         method=cfg.method, options=cfg.options(cfg.method) if cfg.method in ("mplmm", "wander") else {},
-        modalities=modalities,
+        modalities=modalities, context=cfg.context,
+        context_options=asdict(cfg.context_encoder) if cfg.context == "dialogue" else {},
         extra={"feature_config_hashes": {m: data.feature_meta[m].get("config_hash") for m in data.feature_meta}},
     )
 
@@ -148,8 +149,9 @@ def _run_stage(index: int, stage: StagePlan, plan: list[StagePlan], model: torch
     if hasattr(model, "prepare_stage"):  # e.g. Wander: load stage1_from, build the frozen-backbone cache
         state.notes[stage.label] = model.prepare_stage(stage, train, val, cfg.val_batch_size)
     allowed = np.array([c in combinations for c in COMBINATIONS])  # (7,)
+    groups = train.dialogue_groups() if cfg.context == "dialogue" else None  # whole dialogues per batch
     sampler = make_sampler(stage.sampler, train.view_natural(), cfg.batch_size, seed, allowed=allowed,
-                           **(stage.sampler_options or {}))
+                           groups=groups, **(stage.sampler_options or {}))
     dpft = None
     if stage.dpft:
         mode = cfg.dpft.mode
@@ -173,7 +175,8 @@ def _run_stage(index: int, stage: StagePlan, plan: list[StagePlan], model: torch
         callbacks = [ckpt, pl.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
                      EpochProgress(metric), *(extra_callbacks or [])]  # ckpt first: read back below
     loader = DataLoader(BatchDataset(train), sampler=sampler, batch_size=None)
-    _trainer(stage.epochs, callbacks, str(tmp)).fit(module, loader, _val_loader(val, cfg.val_batch_size))
+    _trainer(stage.epochs, callbacks, str(tmp)).fit(module, loader, _val_loader(val, cfg.val_batch_size,
+                                                                                 cfg.context == "dialogue"))
     state.history += module.history
     if stage.select:
         state.sampler, state.dpft = sampler, dpft
@@ -224,11 +227,11 @@ def _monitor_batch(train: MultimodalData, size: int, seed: int) -> dict:
     usable = np.flatnonzero(train.view_natural().any(axis=1))
     rng = np.random.default_rng([seed, 7])
     local = np.sort(rng.choice(usable, size=min(size, len(usable)), replace=False))
-    return train.batch(local)
+    return train.batch(local)  # (dialogue mode: partial dialogues, laid out by their turns)
 
 
-def _val_loader(val: MultimodalData, batch_size: int) -> DataLoader:
-    keys = [BatchKey(index=np.arange(s, min(s + batch_size, len(val)))) for s in range(0, len(val), batch_size)]
+def _val_loader(val: MultimodalData, batch_size: int, by_dialogue: bool = False) -> DataLoader:
+    keys = [BatchKey(index=local) for local in val.read_batches(batch_size, by_dialogue)]
     return DataLoader(BatchDataset(val), sampler=keys, batch_size=None)
 
 

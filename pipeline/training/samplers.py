@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline.core.modalities import COMBINATIONS, MASKS
 from pipeline.training.batches import BatchDataset, BatchKey, MaskedPassSampler  # noqa: F401  (re-exported)
+from pipeline.training.grouping import group_order
 from pipeline.training.eta_sampler import CompleteRowsSampler, EtaDropoutSampler
 
 N_COMB = len(COMBINATIONS)
@@ -26,10 +27,14 @@ class HomogeneousBatchSampler:
     (reshuffled when exhausted), so over an epoch every eligible sample is visited
     about evenly. Combinations with no eligible sample get probability 0 (their
     share moves to the others). `q` is set by DPFT between epochs.
+
+    With `groups` (N,) (dialogue mode) the pools hold whole dialogues: a batch is one combination
+    over consecutive dialogues of c's pool (their rows that cover c), about `batch_size` rows.
     """
 
     def __init__(self, natural: np.ndarray, batch_size: int, seed: int, q: np.ndarray | None = None,
-                 batches_per_epoch: int | None = None, allowed: np.ndarray | None = None):
+                 batches_per_epoch: int | None = None, allowed: np.ndarray | None = None,
+                 groups: np.ndarray | None = None):
         self.natural = np.asarray(natural, dtype=bool)  # (N, 3)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -37,6 +42,8 @@ class HomogeneousBatchSampler:
         if allowed is not None:  # only the combinations the dataset can form
             covers &= np.asarray(allowed, dtype=bool)[None, :]
         self.eligible = [np.flatnonzero(covers[:, c]) for c in range(N_COMB)]
+        # the units a pool draws: single rows, or (dialogue mode) the eligible rows of one dialogue each
+        self.units = None if groups is None else [_split_groups(np.asarray(groups), e) for e in self.eligible]
         self.available = np.array([len(e) > 0 for e in self.eligible])
         if not self.available.any():
             raise ValueError("no training sample has any modality present")
@@ -65,6 +72,8 @@ class HomogeneousBatchSampler:
         """The batches of `epoch`: a pure function of (seed, epoch, q)."""
         rng = np.random.default_rng([self.seed, epoch])
         combos = rng.choice(N_COMB, size=self.n_batches, p=self.effective_q())
+        if self.units is not None:
+            return self._draw_dialogues(combos, rng)
         pools = [rng.permutation(e) for e in self.eligible]
         cursor = [0] * N_COMB
         keys = []
@@ -76,6 +85,21 @@ class HomogeneousBatchSampler:
             idx = pool[cursor[c]:cursor[c] + take]
             cursor[c] += take
             keys.append(BatchKey(index=idx, combination=c))
+        return keys
+
+    def _draw_dialogues(self, combos: np.ndarray, rng: np.random.Generator) -> list[BatchKey]:
+        """Dialogue mode: each batch takes whole dialogues from its combination's shuffled pool."""
+        pools = [rng.permutation(len(u)) for u in self.units]
+        cursor = [0] * N_COMB
+        keys = []
+        for c in combos.tolist():
+            taken: list[np.ndarray] = []
+            while sum(len(t) for t in taken) < self.batch_size and len(taken) < len(pools[c]):
+                if cursor[c] >= len(pools[c]):  # exhausted: reshuffle this combination's dialogues
+                    pools[c], cursor[c] = rng.permutation(len(self.units[c])), 0
+                taken.append(self.units[c][pools[c][cursor[c]]])
+                cursor[c] += 1
+            keys.append(BatchKey(index=np.concatenate(taken), combination=c))
         return keys
 
     def __iter__(self) -> Iterator[BatchKey]:
@@ -91,8 +115,9 @@ class ModalityDropoutSampler(MaskedPassSampler):
     """Random modality dropout (variant `plain`, two_stage stage 1): a shuffled pass over the
     samples; each sample keeps a uniformly drawn non-empty subset of its present modalities."""
 
-    def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None = None):
-        super().__init__(natural, batch_size, seed, allowed)  # allowed: the dataset's formable combinations
+    def __init__(self, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None = None,
+                 groups: np.ndarray | None = None):
+        super().__init__(natural, batch_size, seed, allowed, groups)  # allowed: the dataset's formable combinations
 
     def _rows(self) -> np.ndarray:
         usable = np.flatnonzero(((self.natural[:, None, :] | ~MASKS[None, :, :]).all(axis=2)
@@ -107,6 +132,13 @@ class ModalityDropoutSampler(MaskedPassSampler):
         return MASKS[pick]  # (N, 3)
 
 
+def _split_groups(groups: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    """`rows` split into one array per group (groups in order of first appearance)."""
+    order = group_order(groups, rows)
+    cuts = np.flatnonzero(groups[order][1:] != groups[order][:-1]) + 1
+    return np.split(order, cuts) if len(order) else []
+
+
 # Sampler registry: StagePlan.sampler -> class. Each takes (natural (N, 3), batch_size, seed, allowed (7,) bool).
 SAMPLERS: dict[str, type] = {
     "homogeneous": HomogeneousBatchSampler,
@@ -117,8 +149,8 @@ SAMPLERS: dict[str, type] = {
 
 
 def make_sampler(kind: str, natural: np.ndarray, batch_size: int, seed: int, allowed: np.ndarray | None = None,
-                 **options):
+                 groups: np.ndarray | None = None, **options):
     """The sampler registered as `kind`, drawing only the `allowed` (formable) combinations."""
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler {kind!r}; registered: {', '.join(SAMPLERS)}")
-    return SAMPLERS[kind](natural, batch_size, seed, allowed=allowed, **options)
+    return SAMPLERS[kind](natural, batch_size, seed, allowed=allowed, groups=groups, **options)
