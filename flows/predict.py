@@ -2,12 +2,16 @@
 
 Inputs: one utterance (`--audio x.wav --video x.mp4 --text x.txt`), a folder (files grouped
 by stem), or a listing in the ingest format (`utterance_id`, `audio_path`, `text_path`,
-`video_path`). The model is `models:/<name>@champion` from MLflow by default, or a
-checkpoint (`--model models/model.pt`). Its extractors are rebuilt from the recipes
-stored with it and refused when their config hash is not the one it was trained on.
+`video_path`; optionally `dialogue`, `turn`, `speaker`: rows sharing a dialogue are one
+conversation in turn order, read in context by a model trained with `train.context: dialogue`,
+see `pipeline/serving/dialogues.py`; single utterances and folders are dialogues of one).
+The model is `models:/<name>@champion` from MLflow by default, or a checkpoint
+(`--model models/model.pt`). Its extractors are rebuilt from the recipes stored with it
+and refused when their config hash is not the one it was trained on.
 A bad or absent file makes that modality missing (with the extraction stages' reason),
 never a failure; an utterance with nothing usable gets the training prior (`used_prior`).
-Output: a table on stdout, or CSV / JSON / Parquet by the suffix of `--out`.
+Output, one row per utterance in input order (`dialogue` / `turn` echoed when given): a table
+on stdout, or CSV / JSON / Parquet by the suffix of `--out`.
 Exit codes: 0 done, 1 runtime error (model, recipes), 2 usage error.
 """
 from __future__ import annotations
@@ -32,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--text", type=Path, help="transcript (UTF-8 .txt)")
     src.add_argument("--id", help="utterance id of the single utterance (default: the first file's stem)")
     src.add_argument("--folder", type=Path, help="folder of clips grouped by stem (x.wav, x.mp4, x.txt)")
-    src.add_argument("--listing", type=Path, help="CSV/Parquet listing in the ingest format")
+    src.add_argument("--listing", type=Path,
+                     help="CSV/Parquet listing in the ingest format (optional dialogue, turn, speaker columns)")
     add_model_arguments(p.add_argument_group("which model"))
     p.add_argument("--out", type=Path, help=f"write the predictions here ({', '.join(OUT_SUFFIXES)}); default: print")
     p.add_argument("--params", default="params.yaml", help="params file for the default model name")

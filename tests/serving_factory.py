@@ -27,7 +27,7 @@ def train_tiny_model(root: Path, n: int = 24, mlflow_uri: str | None = None) -> 
     from features import stage_acoustic, stage_textual, stage_visual
     from pipeline import ingest, splits, train
 
-    listing = make_tiny_corpus(root / "corpus", n=n)
+    listing = make_tiny_corpus(root / "corpus", n=n, dialogue_turns=1)  # lone utterances: by_speaker splits hold
     manifest, features = root / "manifest.parquet", root / "features"
     ingest.run_stage({"listing": str(listing), "out": str(manifest), "classes": ["neutral", "happy", "sad", "angry"]})
     for name, stage in (("acoustic", stage_acoustic), ("visual", stage_visual), ("textual", stage_textual)):

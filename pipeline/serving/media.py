@@ -20,15 +20,17 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import pandas as pd
 
 from features.base import ClipError, Extractor
 from features.clips import ClipJob
 from features.workers import to_outcome
 from pipeline.core.media_paths import listed_path, probe_file
 from pipeline.core.modalities import MANIFEST_NAME, MODALITY_ORDER
+from pipeline.serving.dialogues import DIALOGUE_COLUMNS, read_conversations
 
 PRESENT = "present"
 SUFFIXES: dict[str, tuple[str, ...]] = {  # manifest family -> file suffixes taken from a folder
@@ -46,6 +48,7 @@ class MediaItem:
     utterance_id: str
     paths: dict[str, Path | None] = field(default_factory=dict)
     failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # family -> (reason, detail) known up front
+    conversation: dict[str, Any] = field(default_factory=dict)  # `dialogue` / `turn` / `speaker` as given, if any
 
 
 @dataclass
@@ -77,7 +80,8 @@ def items_from_folder(folder: str | Path) -> list[MediaItem]:
 
 
 def items_from_listing(listing: str | Path) -> list[MediaItem]:
-    """Rows of a listing in the ingest format (CSV/Parquet: utterance_id, audio_path, text_path, video_path)."""
+    """Rows of a listing in the ingest format (CSV/Parquet: utterance_id, audio_path, text_path, video_path,
+    optionally dialogue, turn, speaker; checked here so a bad turn is a usage error naming the listing)."""
     from pipeline.ingest import read_listing
 
     listing = Path(listing)
@@ -92,7 +96,9 @@ def items_from_listing(listing: str | Path) -> list[MediaItem]:
         for family in SUFFIXES:
             raw = row.get(f"{family}_path")
             paths[family] = listed_path(str(raw).strip(), listing.parent) if raw is not None and str(raw).strip() else None
-        items.append(MediaItem(str(row["utterance_id"]).strip(), paths))
+        items.append(MediaItem(str(row["utterance_id"]).strip(), paths,
+                               conversation={c: row[c] for c in DIALOGUE_COLUMNS if c in row}))
+    read_conversations(pd.DataFrame([it.conversation for it in items], index=range(len(items))), str(listing))
     return items
 
 

@@ -8,10 +8,19 @@ missingness, nothing usable -> the training prior):
   server can read) or `{family}_b64` (the file's bytes, base64), and `text` (the
   transcript itself); optional `utterance_id`. The model's own extractors run on them.
 
-Output, one row per input row: classification -> `label` + `prob_<class>`; regression ->
-`score`; always `combination` (the adapter set used, "none" when the prior answered) and
-`used_prior`; for media rows also `utterance_id` and per family `<family>_status`
-("present" or why it is missing) and `<family>_detail`.
+Either kind may carry a conversation (`pipeline.serving.dialogues`): optional `dialogue`
+(rows sharing it are one dialogue; a row without one is a dialogue of its own), `turn`
+(order inside the dialogue, ties by row order) and `speaker` (speaker ids; roles by first
+appearance). A model trained with `train.context: dialogue` then reads each utterance in its
+dialogue's context: rows are routed in batches of whole dialogues (`training.grouping.batch_rows`),
+so a dialogue is never split across two forward passes and rows of different dialogues never
+see each other. Utterance models ignore these columns; a lone utterance is a dialogue of one.
+
+Output, one row per input row, in input order (`dialogue` and `turn` echoed when given):
+classification -> `label` + `prob_<class>`; regression -> `score`; always `combination`
+(the adapter set used, "none" when the prior answered) and `used_prior`; for media rows
+also `utterance_id` and per family `<family>_status` ("present" or why it is missing) and
+`<family>_detail`.
 """
 from __future__ import annotations
 
@@ -26,20 +35,39 @@ import pandas as pd
 import torch
 
 from pipeline.core.modalities import COMBINATIONS, MANIFEST_NAME, MODALITY_ORDER
+from pipeline.methods.context import reads_dialogue
 from pipeline.methods.routing import model_modalities, route
+from pipeline.serving.dialogues import DIALOGUE_COLUMNS, Conversations, echo_columns, read_conversations
 from pipeline.serving.media import SUFFIXES, Extracted, MediaExtractor, MediaItem
 from pipeline.serving.recipes import build_checked
+from pipeline.training.grouping import batch_rows
 
 FEATURE_COLUMNS = tuple(f"{m}_{k}" for m in MODALITY_ORDER for k in ("features", "length", "present"))
 FAMILIES = tuple(MANIFEST_NAME[m] for m in MODALITY_ORDER)  # ("audio", "text", "video")
 MEDIA_COLUMNS = ("utterance_id", "text", *(f"{f}_{k}" for f in FAMILIES for k in ("path", "b64")))
+BATCH_SIZE = 256  # rows per forward pass (a longer dialogue is a pass of its own)
 
 
 def predict_arrays(model: torch.nn.Module, features: Mapping[str, torch.Tensor], lengths: Mapping[str, torch.Tensor],
-                   present: np.ndarray, serving: Mapping[str, Any]) -> pd.DataFrame:
-    """Route (N, T, d) features, (N,) lengths and (N, 3) presence through `model`; the output frame."""
-    routed = route(model, dict(features), dict(lengths), present, np.ones(3, dtype=bool), serving["prior"])
-    return output_frame(routed.output, routed.combination, serving)
+                   present: np.ndarray, serving: Mapping[str, Any], conversations: Conversations | None = None,
+                   batch_size: int = BATCH_SIZE) -> pd.DataFrame:
+    """Route (N, T, d) features, (N,) lengths and (N, 3) presence through `model`; the output frame.
+
+    A dialogue-context model reads `conversations` (None: every row a dialogue of its own),
+    in batches of whole dialogues; output rows are in input order either way.
+    """
+    n = len(present)
+    context = reads_dialogue(model) and conversations is not None
+    width = len(serving["classes"]) if serving["task"] == "classification" else 1
+    out, comb = np.zeros((n, width)), np.full(n, -1, dtype=np.int64)  # (N, K), (N,)
+    for local in batch_rows(n, batch_size, conversations.group if context else None):
+        idx = torch.as_tensor(local, dtype=torch.long)
+        routed = route(model, {m: x.index_select(0, idx) for m, x in features.items()},
+                       {m: x.index_select(0, idx) for m, x in lengths.items()}, np.asarray(present)[local],
+                       np.ones(3, dtype=bool), serving["prior"],
+                       dialogue=conversations.layout(local) if context else None)
+        out[local], comb[local] = routed.output, routed.combination
+    return echo_columns(output_frame(out, comb, serving), conversations)
 
 
 def output_frame(out: np.ndarray, comb: np.ndarray, serving: Mapping[str, Any]) -> pd.DataFrame:
@@ -56,8 +84,9 @@ def output_frame(out: np.ndarray, comb: np.ndarray, serving: Mapping[str, Any]) 
 
 
 def frame_from_arrays(features: Mapping[str, np.ndarray], lengths: Mapping[str, np.ndarray],
-                      present: np.ndarray) -> pd.DataFrame:
-    """Feature rows from (N, T, d) arrays, (N,) lengths and (N, 3) presence."""
+                      present: np.ndarray, conversation: Mapping[str, Sequence[Any]] | None = None) -> pd.DataFrame:
+    """Feature rows from (N, T, d) arrays, (N,) lengths and (N, 3) presence; `conversation` adds
+    any of the `dialogue` / `turn` / `speaker` columns ((N,) each)."""
     present = np.asarray(present, dtype=bool)
     cols: dict[str, Any] = {}
     for j, m in enumerate(MODALITY_ORDER):
@@ -66,6 +95,10 @@ def frame_from_arrays(features: Mapping[str, np.ndarray], lengths: Mapping[str, 
         cols[f"{m}_features"] = [row.astype(np.float64).tolist() if p else [] for row, p in zip(flat, present[:, j])]
         cols[f"{m}_length"] = np.where(present[:, j], np.asarray(lengths[m]), 0).astype(np.int64)
         cols[f"{m}_present"] = present[:, j]
+    for col, values in (conversation or {}).items():
+        if col not in DIALOGUE_COLUMNS:
+            raise ValueError(f"conversation column {col!r} is not one of {list(DIALOGUE_COLUMNS)}")
+        cols[col] = list(values)
     return pd.DataFrame(cols)
 
 
@@ -118,15 +151,17 @@ class Predictor:
         return self._media
 
     def predict_features(self, frame: pd.DataFrame) -> pd.DataFrame:
+        conversations = read_conversations(frame)  # bad dialogue columns fail before any work
         feats, lens, present = arrays_from_frame(frame, self.model.config)
-        return predict_arrays(self.model, feats, lens, present, self.serving)
+        return predict_arrays(self.model, feats, lens, present, self.serving, conversations)
 
     def predict_items(self, items: Sequence[MediaItem]) -> pd.DataFrame:
         """Extract what each utterance has, route, and report per modality what was used or why not."""
+        conversations = read_conversations(pd.DataFrame([it.conversation for it in items], index=range(len(items))))
         got: Extracted = self.media().extract(items)
         feats = {m: torch.from_numpy(x) for m, x in got.features.items()}
         lens = {m: torch.from_numpy(x) for m, x in got.lengths.items()}
-        out = predict_arrays(self.model, feats, lens, got.present, self.serving)
+        out = predict_arrays(self.model, feats, lens, got.present, self.serving, conversations)
         out.insert(0, "utterance_id", [it.utterance_id for it in items])
         for family in FAMILIES:
             out[f"{family}_status"] = got.status[family]
@@ -135,9 +170,11 @@ class Predictor:
 
     def predict_media_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Media rows (paths, base64 bytes or transcript text) -> predictions; bytes live in a temp dir."""
-        unknown = [c for c in frame.columns if c not in MEDIA_COLUMNS and c not in FEATURE_COLUMNS]
+        known = (*MEDIA_COLUMNS, *FEATURE_COLUMNS, *DIALOGUE_COLUMNS)
+        unknown = [c for c in frame.columns if c not in known]
         if unknown:
-            raise ValueError(f"serving input: unknown columns {unknown}; media rows take {list(MEDIA_COLUMNS)}")
+            raise ValueError(f"serving input: unknown columns {unknown}; media rows take "
+                             f"{list(MEDIA_COLUMNS) + list(DIALOGUE_COLUMNS)}")
         with tempfile.TemporaryDirectory(prefix="imer-serve-") as tmp:
             items = [_row_item(i, row, Path(tmp)) for i, row in enumerate(frame.to_dict("records"))]
             return self.predict_items(items)
@@ -167,7 +204,7 @@ def _row_item(i: int, row: Mapping[str, Any], tmp: Path) -> MediaItem:
                 failures[family] = ("invalid_base64", f"{uid}: {family}_b64 is not base64 ({exc})")
         else:
             paths[family] = Path(raw_path) if raw_path is not None else None
-    return MediaItem(uid, paths, failures)
+    return MediaItem(uid, paths, failures, {c: row[c] for c in DIALOGUE_COLUMNS if c in row})
 
 
 def _given(value: Any) -> str | None:

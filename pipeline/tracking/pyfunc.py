@@ -5,10 +5,16 @@ Input (a pandas DataFrame, one row per utterance), either
   row-major; an empty list where absent), `{m}_length` and `{m}_present`; or
 - media rows: per family (audio, video, text) `{family}_path` or `{family}_b64` (base64
   bytes), or `text` (the transcript); the model's own extractors run inside the server.
+Either kind may carry optional `dialogue`, `turn` and `speaker` columns: rows sharing a
+`dialogue` are one conversation, and a model trained with `train.context: dialogue` reads
+each utterance in its context (`pipeline.serving.dialogues`); a row without a dialogue is a
+dialogue of one, and utterance models ignore the columns. The signature declares them as
+optional columns of any type (MLflow would otherwise drop them before `predict`).
 Each row is routed to the combination it actually has (`pipeline.serving.predict`, which
 calls the one routing rule); rows with nothing usable get the training prior.
-Output: classification -> `label` + `prob_<class>`; regression -> `score`; with
-`combination` and `used_prior`, and for media rows per family `<family>_status`.
+Output, in input order: classification -> `label` + `prob_<class>`; regression -> `score`;
+with `combination` and `used_prior`, `dialogue` / `turn` echoed when given, and for media
+rows per family `<family>_status`.
 
 Portability: the model is logged from code (`served_model.py`, no pickle) with the
 `pipeline` and `features` packages as code paths and pinned public versions (no local
@@ -28,6 +34,7 @@ import mlflow
 import pandas as pd
 import torch
 
+from pipeline.serving.dialogues import DIALOGUE_COLUMNS
 from pipeline.serving.predict import MEDIA_COLUMNS, Predictor, frame_from_arrays, output_frame  # noqa: F401
 from pipeline.serving.recipes import RECIPE_FILE, RecipeMismatch, model_recipes
 
@@ -116,14 +123,16 @@ def log_pyfunc_model(
 
 
 def _signature(example: pd.DataFrame, output: pd.DataFrame, media: bool) -> Any:
-    """Feature columns as inferred from the example; with media, every column optional plus the media columns."""
+    """Feature columns as inferred from the example; with media, every column optional plus the media
+    columns; always the optional conversation columns, of any type (ids may be numbers or text)."""
     from mlflow.models import infer_signature
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, Schema
 
     sig = infer_signature(example, output)
-    if not media:
-        return sig
-    cols = [ColSpec(c.type, c.name, required=False) for c in sig.inputs.inputs]
-    cols += [ColSpec("string", c, required=False) for c in MEDIA_COLUMNS]
-    return ModelSignature(inputs=Schema(cols), outputs=None)
+    cols = [c for c in sig.inputs.inputs if c.name not in DIALOGUE_COLUMNS]
+    if media:
+        cols = [ColSpec(c.type, c.name, required=False) for c in cols]
+        cols += [ColSpec("string", c, required=False) for c in MEDIA_COLUMNS]
+    cols += [ColSpec(AnyType(), c, required=False) for c in DIALOGUE_COLUMNS]
+    return ModelSignature(inputs=Schema(cols), outputs=None if media else sig.outputs)
