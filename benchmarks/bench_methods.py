@@ -8,7 +8,7 @@ MPLMM rows: stage 2 (frozen backbone, prompts + generator + input projections + 
 same mixed-combination batch, backbone `imer` (target <= 1.5x MCULoRA) and `mult` (target <= 7x).
 
 Shapes: `default` = the default corpus's extractors (as bench_adapters.py), `mosi` = MMSA MOSI
-(COVAREP 5, BERT 768, Facet 20) at the configs/mosi-mmsa.yaml caps 150/50/150.
+(COVAREP 5, BERT 768, Facet 20) at the configs/mosi.yaml caps 150/50/150.
 
 Usage: python benchmarks/bench_methods.py [--shapes default mosi] [--batch 32] [--reps 10]
        [--device cpu|cuda] [--threads 0]

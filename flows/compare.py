@@ -1,10 +1,11 @@
-"""`imer compare`: one command for a matrix of methods x options x seeds x corpus profiles.
+"""`imer compare`: one command for a matrix of methods x options x seeds x data columns.
 
-The matrix is declared in a small YAML file (default `compare.yaml`). Each profile's data
-(corpus, ingest, extraction, splits) is built once; each cell (row x seed x profile) is one
+The matrix is declared in a small YAML file (default `compare.yaml`). Its columns are corpus
+profiles and imported datasets (IEMOCAP folds as one column each); each column's data is built
+once (flows/compare_data.py); each cell (row x seed x column) is one
 run of the `train` and `evaluate` stages, the same `imer <stage>` commands DVC runs (inside
 their Prefect flows unless Prefect is off), in its own folder with its own params.yaml whose
-data paths point at the profile's data. Cells run in parallel (`jobs`); a finished cell is
+data paths point at the column's data. Cells run in parallel (`jobs`); a finished cell is
 never recomputed: its folder is keyed by the hash of its train/evaluate params and of the
 data it reads, and holds `cell.json` once done. A failed cell is recorded (`failed.json`,
 log tail) and reported; the other cells go on, and the next invocation retries only it.
@@ -30,11 +31,11 @@ from typing import Any
 
 import yaml
 
+from flows.compare_data import Column, ColumnData, column_params, dataset_columns, prepare, set_dotted
 from pipeline.core.atomic import write_json
 from pipeline.core.hashing import config_hash
 from pipeline.core.params import load_all_params
 
-DATA_STAGES = ("corpus", "ingest", "extract_acoustic", "extract_visual", "extract_textual", "splits")
 CELL_STAGES = ("train", "evaluate")
 LOG_TAIL = 4000  # characters of a failed command's output kept in failed.json
 
@@ -46,6 +47,7 @@ class Spec:
     rows: dict[str, dict[str, Any]]  # row name -> dotted params it sets
     seeds: list[int]
     profiles: list[str]
+    datasets: list[Column] = field(default_factory=list)  # imported datasets (and folds): columns beside the profiles
     common: dict[str, Any] = field(default_factory=dict)  # dotted params of every cell and profile
     baselines: list[str] = field(default_factory=list)  # rows every other row is tested against
     jobs: int = 2
@@ -60,7 +62,11 @@ class Spec:
         rows = {str(r["name"]): dict(r.get("set") or {}) for r in raw.get("rows", [])}
         if not rows or not raw.get("seeds"):
             raise ValueError(f"{path}: needs `rows` (name + set) and `seeds`")
-        spec = cls(rows=rows, seeds=[int(s) for s in raw["seeds"]], profiles=list(raw.get("profiles") or ["balanced"]),
+        datasets = dataset_columns(list(raw.get("datasets") or []), str(path))
+        profiles = list(raw["profiles"] or []) if "profiles" in raw else ([] if datasets else ["balanced"])
+        if not profiles and not datasets:
+            raise ValueError(f"{path}: needs at least one column: `profiles` or `datasets`")
+        spec = cls(rows=rows, seeds=[int(s) for s in raw["seeds"]], profiles=profiles, datasets=datasets,
                    common=dict(raw.get("set") or {}), baselines=list(raw.get("baselines") or []),
                    jobs=int(raw.get("jobs", 2)), out_dir=str(raw.get("out_dir", "runs/compare")),
                    report_dir=str(raw.get("report_dir", "reports")), prefect=raw.get("prefect"),
@@ -68,14 +74,21 @@ class Spec:
         unknown = [b for b in spec.baselines if b not in rows]
         if unknown:
             raise ValueError(f"{path}: baselines {unknown} are not rows ({', '.join(rows)})")
+        labels = [c.label for c in spec.columns()]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"{path}: columns {labels} repeat a name (profiles and datasets share one namespace)")
         return spec
+
+    def columns(self) -> list[Column]:
+        """Profiles first, then datasets, in declaration order."""
+        return [Column(p, "profile") for p in self.profiles] + list(self.datasets)
 
 
 @dataclass
 class Cell:
     row: str
     seed: int
-    profile: str
+    profile: str  # the column's label: a profile, or a dataset (`mosi`, `iemocap4-fold3`)
     key: str = ""
     folder: Path = Path(".")
     params: dict[str, Any] = field(default_factory=dict)
@@ -85,32 +98,9 @@ class Cell:
         return f"{self.profile}/{self.row}/seed{self.seed}"
 
 
-def set_dotted(params: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of `params` with `a.b.c: value` entries applied (missing levels created)."""
-    out = copy.deepcopy(params)
-    for key, value in dotted.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def profile_params(base: dict[str, Any], spec: Spec, profile: str) -> dict[str, Any]:
-    return set_dotted(set_dotted(base, spec.common), {"corpus.profile": profile})
-
-
-def data_key(params: dict[str, Any]) -> str:
-    """Hash of what the profile's data depends on (workers change no byte, so they are left out)."""
-    sections = {s: {k: v for k, v in params.get(s, {}).items() if k != "workers"} for s in DATA_STAGES}
-    return config_hash(sections)
-
-
-def cell_params(params: dict[str, Any], data_dir: Path) -> dict[str, Any]:
-    """The cell's params: data paths point at the profile's data; outputs and MLflow stay in the cell."""
-    data_paths = {"manifest": data_dir / params["ingest"]["out"], "features_dir": data_dir / "data/features",
-                  "splits_dir": data_dir / params["splits"]["out_dir"]}
+def cell_params(params: dict[str, Any], data: ColumnData) -> dict[str, Any]:
+    """The cell's params: data paths point at the column's data; outputs and MLflow stay in the cell."""
+    data_paths = {"manifest": data.manifest, "features_dir": data.features_dir, "splits_dir": data.splits_dir}
     out = copy.deepcopy(params)
     for section in CELL_STAGES:
         out[section].update({k: str(v) for k, v in data_paths.items() if k in out[section]})
@@ -138,32 +128,15 @@ def run_imer(stages: tuple[str, ...], cwd: Path, prefect: bool, env: dict[str, s
     return rc, (cwd / "log.txt").read_text(errors="replace")[-LOG_TAIL:], time.perf_counter() - started
 
 
-def prepare_data(params: dict[str, Any], out_dir: Path, profile: str, prefect: bool, env: dict[str, str]) -> Path:
-    """Build (once) the profile's corpus, features and splits in out_dir/data/<profile>-<key>/."""
-    key = data_key(params)
-    folder = out_dir / "data" / f"{profile}-{key[:12]}"
-    if (folder / "data.json").exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    rc, tail, seconds = run_imer(DATA_STAGES, folder, prefect, env)
-    if rc != 0:
-        raise RuntimeError(f"imer compare: data of profile {profile} failed (exit {rc}); "
-                           f"see {folder / 'log.txt'}:\n{tail[-1500:]}")
-    write_json(folder / "data.json", {"profile": profile, "key": key, "seconds": round(seconds, 1)})
-    return folder
-
-
-def plan_cells(base: dict[str, Any], spec: Spec, data_dirs: dict[str, Path], out_dir: Path, profile: str) -> list[Cell]:
-    """The cells of one profile whose data is ready, in declaration order (rows, then seeds)."""
-    prof = profile_params(base, spec, profile)
-    data_hash = json.loads((data_dirs[profile] / "data.json").read_text())["key"]
+def plan_cells(base: dict[str, Any], spec: Spec, column: Column, data: ColumnData, out_dir: Path) -> list[Cell]:
+    """The cells of one column whose data is ready, in declaration order (rows, then seeds)."""
+    prof = column_params(base, spec.common, column)
     cells = []
     for row, dotted in spec.rows.items():
         for seed in spec.seeds:
-            params = cell_params(set_dotted(prof, {**dotted, "train.seed": seed}), data_dirs[profile].resolve())
-            key = cell_key(params, data_hash)
-            cells.append(Cell(row, seed, profile, key, out_dir / "cells" / key[:16], params))
+            params = cell_params(set_dotted(prof, {**dotted, "train.seed": seed}), data)
+            key = cell_key(params, data.key)
+            cells.append(Cell(row, seed, column.label, key, out_dir / "cells" / key[:16], params))
     return cells
 
 
@@ -197,9 +170,9 @@ def run_cell(cell: Cell, prefect: bool, env: dict[str, str]) -> dict[str, Any]:
 
 
 def run_matrix(spec: Spec, params_paths: list[str], jobs: int | None = None) -> list[dict[str, Any]]:
-    """Every cell's record, in declaration order (profiles, rows, seeds).
+    """Every cell's record, in declaration order (columns, rows, seeds).
 
-    Each profile's data is built once (in parallel across profiles); a profile's cells start as
+    Each column's data is built once (in parallel across columns); a column's cells start as
     soon as its data is ready, `jobs` processes at a time."""
     from flows.settings import prefect_enabled
 
@@ -211,18 +184,22 @@ def run_matrix(spec: Spec, params_paths: list[str], jobs: int | None = None) -> 
         env["IMER_NO_PREFECT"] = "1"
     jobs = max(1, jobs or spec.jobs)
     with _prefect_api(prefect, out_dir, env), ThreadPoolExecutor(max_workers=jobs) as pool:  # one process per task
-        futures = {p: pool.submit(prepare_data, profile_params(base, spec, p), out_dir, p, prefect, env)
-                   for p in spec.profiles}
+        futures = {c.label: (c, pool.submit(_prepare, base, spec, c, out_dir, prefect, env)) for c in spec.columns()}
         records: dict[str, list] = {}
-        for profile, future in futures.items():
+        for label, (column, future) in futures.items():
             try:
-                data_dirs = {profile: future.result()}
-            except Exception as exc:  # noqa: BLE001  (a profile's data failed: its cells are reported, others go on)
-                records[profile] = _data_failed(spec, profile, exc)
+                data = future.result()
+            except Exception as exc:  # noqa: BLE001  (a column's data failed: its cells are reported, others go on)
+                records[label] = _data_failed(spec, label, exc)
                 continue
-            cells = plan_cells(base, spec, data_dirs, out_dir, profile)
-            records[profile] = [pool.submit(run_cell, c, prefect, env) for c in cells]
-        return [r if isinstance(r, dict) else r.result() for p in spec.profiles for r in records[p]]
+            cells = plan_cells(base, spec, column, data, out_dir)
+            records[label] = [pool.submit(run_cell, c, prefect, env) for c in cells]
+        return [r if isinstance(r, dict) else r.result() for label in futures for r in records[label]]
+
+
+def _prepare(base: dict[str, Any], spec: Spec, column: Column, out_dir: Path, prefect: bool,
+             env: dict[str, str]) -> ColumnData:
+    return prepare(column, column_params(base, spec.common, column), out_dir, prefect, env, run_imer)
 
 
 class _prefect_api:
@@ -254,7 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", action="append", help="params file(s) the cells start from (default params.yaml)")
     parser.add_argument("--jobs", type=int, default=None, help="cells run in parallel (default: the spec's jobs)")
     parser.add_argument("--no-report", action="store_true", help="run the cells only")
+    parser.add_argument("--registry", action="store_true", help="run no cell: compare the registered champions of "
+                        "every imer-* model from the MLflow registry and mark the recommended version per profile")
+    parser.add_argument("--tracking-uri", default=None, help="--registry: the MLflow store (default: "
+                        "MLFLOW_TRACKING_URI, params.yaml register/train.mlflow, compare.yaml mlflow)")
+    parser.add_argument("--no-alias", action="store_true", help="--registry: write the table, move no alias")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.registry:
+        from pipeline.tracking.registry_compare import run_registry_compare
+
+        return run_registry_compare(args.tracking_uri, args.params or ["params.yaml"], args.spec, not args.no_alias)
     spec = Spec.load(args.spec)
     started = time.perf_counter()
     records = run_matrix(spec, args.params or ["params.yaml"], args.jobs)

@@ -9,13 +9,18 @@ GCNet/MoMKE tables), with the standard deviation and fold count beside it.
     python -m flows.folds run --folds 0 1 2 3 4 --out reports/loso
     python -m flows.folds aggregate reports/loso/fold*/metrics.json --out reports/loso/metrics.json
 
-With DVC experiments instead (each fold is a tracked experiment; `imer import` ran once):
+With DVC experiments instead (each fold is a tracked experiment on the imported data; params.yaml
+declares `data.imports: {iemocap4: data/external/IEMOCAP}`, so stage import@iemocap4 runs once and
+is restored from the DVC cache afterwards; README "Benchmark datasets"):
 
     for k in 0 1 2 3 4; do
-      dvc exp run -n iemocap4-loso$k -S splits.strategy=loso -S splits.fold=$k
+      dvc exp run evaluate -n iemocap4-loso$k -S data.dir=data/imported/iemocap4 -S splits.strategy=loso -S splits.fold=$k
       mkdir -p reports/loso/fold$k && cp reports/metrics.json reports/loso/fold$k/
     done
     python -m flows.folds aggregate reports/loso/fold*/metrics.json --out reports/loso/metrics.json
+
+`run` below is the direct path without DVC: pass the dataset's overlay (`--params
+params.yaml,configs/iemocap4.yaml`, whose `data.dir` points the stages at the import).
 
 `fold` k tests the k-th session in sorted order (0 -> Ses01 ... 4 -> Ses05).
 """

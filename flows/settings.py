@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.params import config_hash, load_all_params
+from pipeline.core.params import DEFAULT_DATA_DIR, config_hash, load_all_params
 
 SECTION = "orchestration"
 DEFAULTS: dict[str, Any] = {
@@ -60,8 +60,8 @@ def dataset_label(params_path: str | Path = "params.yaml", stage: str | None = N
     """A short name of the data a run used.
 
     orchestration.dataset if set; the imported benchmark (`import.dataset`) when the
-    stage is `import` or training reads the imported manifest; else the folder of the
-    ingest listing (`corpus` for the embedded corpus).
+    stage is `import` or training reads the imported manifest; the import's name when `data.dir` is not data/ (data/imported/<name>); else the
+    folder of the ingest listing (`corpus` for the embedded corpus).
     """
     data = _read(params_path)
     label = (data.get(SECTION) or {}).get("dataset")
@@ -71,6 +71,9 @@ def dataset_label(params_path: str | Path = "params.yaml", stage: str | None = N
     train_manifest = (data.get("train") or {}).get("manifest")
     if imported.get("dataset") and (stage == "import" or train_manifest == imported.get("manifest_out")):
         return str(imported["dataset"])
+    data_dir = (data.get("data") or {}).get("dir")
+    if data_dir and Path(data_dir) != Path(DEFAULT_DATA_DIR):  # an import: data/imported/<name>
+        return Path(data_dir).name
     listing = (data.get("ingest") or {}).get("listing")
     if listing:
         name = Path(listing).parent.name or Path(listing).stem

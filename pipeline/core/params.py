@@ -1,7 +1,7 @@
 """Read one stage's section of params: each stage sees only its own keys.
 
 Several params files may be given (`imer train --params params.yaml --params
-configs/mosi-mmsa.yaml`): later files override earlier ones key by key, so a
+configs/mosi.yaml`): later files override earlier ones key by key, so a
 dataset overlay changes only what differs from the defaults.
 """
 from __future__ import annotations
@@ -45,11 +45,38 @@ def load_all_params(paths: ParamsPaths = DEFAULT_PARAMS) -> dict[str, Any]:
 
 
 def load_params(section: str, path: ParamsPaths = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Return `section` of the (merged) params, failing with the file names if it is absent."""
+    """Return `section` of the (merged) params, failing with the file names if it is absent.
+
+    Its data paths left null are filled from the `data` section (`with_data_paths`)."""
     data = load_all_params(path)
     if section not in data:
         raise KeyError(f"{path}: no section '{section}'")
-    return data[section]
+    return with_data_paths(section, data[section], data.get("data") or {})
+
+
+# The dataset that splits / train / evaluate / adapt read is the folder `data.dir` (params.yaml): the
+# corpus pipeline writes data/ and an import data/imported/<name>/, both in this layout.
+DATA_LAYOUT = {"manifest": "manifest.parquet", "features_dir": "features", "splits_dir": "splits"}
+DATA_KEYS = {"splits": {"manifest": "manifest", "features_dir": "features_dir", "out_dir": "splits_dir"}}  # key -> layout entry
+DEFAULT_DATA_DIR = "data"
+
+
+def data_paths(data: Mapping[str, Any]) -> dict[str, str]:
+    """manifest, features_dir and splits_dir inside the data section's `dir` (default data/)."""
+    root = Path(str(data.get("dir") or DEFAULT_DATA_DIR))
+    return {key: (root / name).as_posix() for key, name in DATA_LAYOUT.items()}
+
+
+def with_data_paths(section: str, values: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a stage's section whose null data paths (manifest, features_dir, splits_dir; the
+    splits stage's out_dir) point into `data.dir`; a path set in the section is kept."""
+    keys = DATA_KEYS.get(section, {key: key for key in DATA_LAYOUT})
+    paths = data_paths(data)
+    out = dict(values)
+    for key, entry in keys.items():
+        if key in out and out[key] is None:
+            out[key] = paths[entry]
+    return out
 
 
 def build_config(cls: type, values: dict[str, Any], where: str) -> Any:
