@@ -7,6 +7,10 @@ better than the champion's recorded `val_score` tag: a tie or a regression keeps
 old champion, so re-training with the same result never churns what is served.
 A version's recorded evidence and decision are written once: registering the same run
 again changes nothing.
+Besides the evidence, every version carries its validation scores as `val/<metric>/<where>`
+tags (7 fixed combinations, `mean`, `natural`) and what identifies it (`data`: corpus profile
+or imported dataset, `seed`, `params_hash`, `options`, the run's `imer.method`/`imer.variant`/
+`imer.trainable_params`): `imer compare --registry` (registry_compare.py) reads only these.
 The functions take an `MlflowClient`, so any tracking/registry URI works (SQLite by
 default in this project).
 """
@@ -26,6 +30,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 SCORE_TAG = "val_score"
 ALREADY_REGISTERED = "already_registered"  # decision of a re-run on a registered run: a no-op
+DATA_TAG = "data"  # the corpus profile (balanced, realistic) or imported dataset (iemocap4, mosi, ...)
+UNKNOWN_DATA = "unknown"
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,19 @@ class RegistryDecision:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def val_tag(metric: str, where: str) -> str:
+    """Tag name of a validation score: `val/<metric>/<combination | mean | natural>` (e.g. `val/wa/atv`)."""
+    return f"val/{metric}/{where}"
+
+
+def val_score_tags(val: dict[str, Any]) -> dict[str, float]:
+    """Every finite score of metrics.json's `val` section (`fixed` per combination and mean, `natural`) as tags."""
+    entries = list((val.get("fixed") or {}).items()) + [("natural", val.get("natural") or {})]
+    return {val_tag(metric, where): float(value) for where, scores in entries for metric, value in scores.items()
+            if metric != "n" and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)}
 
 
 def resolve_model_source(client: MlflowClient, run_id: str, artifact_name: str = "model") -> tuple[str, str | None]:
