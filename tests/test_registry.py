@@ -147,3 +147,14 @@ def test_fluent_uri_leaves_no_global_tracking_uri(store, monkeypatch):
         assert mlflow.get_tracking_uri() == uri and os.environ["MLFLOW_TRACKING_URI"] == uri
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
     assert mlflow.get_tracking_uri() == before
+
+
+def test_a_candidate_selected_on_other_data_never_replaces_the_champion(store):
+    _, client, _ = store
+    name = "across-data"
+    first = register_candidate(_logged_run(store), name, 0.60, {**EVIDENCE, "data": "realistic"}, client)
+    other = register_candidate(_logged_run(store), name, 0.90, {**EVIDENCE, "data": "iemocap4"}, client)
+    assert other.decision == "kept" and "different data" in other.reason
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first.version
+    same = register_candidate(_logged_run(store), name, 0.70, {**EVIDENCE, "data": "realistic"}, client)
+    assert same.decision == "promoted"

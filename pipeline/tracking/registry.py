@@ -126,6 +126,11 @@ def register_candidate(
     prev_version = None if champion is None else str(champion.version)
     prev_score = None if champion is None else _float_or_none(champion.tags.get(SCORE_TAG))
     promote, reason = _compare(val_score, version, prev_version, prev_score, greater_is_better)
+    theirs, ours = (None if champion is None else champion.tags.get(DATA_TAG)), evidence.get(DATA_TAG)
+    if prev_version not in (None, version) and _known(theirs) and _known(ours) and theirs != ours:
+        promote, reason = False, (f"champion v{prev_version} was selected on data {theirs!r}, this candidate on "
+                                  f"{ours!r}: validation scores on different data do not compare; kept (register "
+                                  "it under another register.model_name to serve it)")
     if promote:
         client.set_registered_model_alias(model_name, CHAMPION, version)
     decision = "promoted" if promote else "kept"
@@ -185,6 +190,10 @@ def _compare(
         return True, f"val_score {score:.6g} beats champion v{prev_version} ({prev_score:.6g})"
     word = "ties" if score == prev_score else "does not beat"
     return False, f"val_score {score:.6g} {word} champion v{prev_version} ({prev_score:.6g})"
+
+
+def _known(label: Any) -> bool:
+    return label is not None and str(label) not in ("", "unknown")
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
