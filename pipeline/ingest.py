@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.atomic import write_json
 from pipeline.core.media_paths import listed_path, probe_file
-from pipeline.formats.manifest import (DIALOGUE_COLUMNS, DIALOGUE_TYPES, MANIFEST_SCHEMA, MODALITIES, PATH_COLUMNS,
+from pipeline.formats.manifest import (DIALOGUE_COLUMNS, parse_turn, DIALOGUE_TYPES, MANIFEST_SCHEMA, MODALITIES, PATH_COLUMNS,
                                      manifest_meta, write_manifest)
 from pipeline.core.params import load_params
 
@@ -223,7 +223,7 @@ def _dialogue_problems(row: dict[str, Any], number: int) -> list[RowProblem]:
     if _blank(raw):
         return []
     problems = []
-    if _turn(raw) is None:
+    if parse_turn(raw) is None:
         problems.append(RowProblem(number, "turn", f"'{raw}' is not a non-negative integer"))
     if _blank(row.get("dialogue")):
         problems.append(RowProblem(number, "turn", "given without a dialogue (a turn is a position inside a dialogue)"))
@@ -232,19 +232,6 @@ def _dialogue_problems(row: dict[str, Any], number: int) -> list[RowProblem]:
 
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
-
-
-def _turn(value: Any) -> int | None:
-    """The turn as an int, or None when it is not a whole number >= 0 ("3" and 3.0 are; "3.5", -1, "x" are not)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = float(str(value).strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(number) or number < 0 or number != int(number):
-        return None
-    return int(number)
 
 
 def _manifest_row(row: dict[str, Any], listing_dir: Path, root: Path, task: str, dialogue_cols: list[str]) -> dict[str, Any]:
@@ -271,7 +258,7 @@ def _manifest_row(row: dict[str, Any], listing_dir: Path, root: Path, task: str,
     if "dialogue" in dialogue_cols:  # listing columns `dialogue` / `turn`: first-class manifest columns
         out["dialogue"] = None if _blank(row.get("dialogue")) else str(row["dialogue"]).strip()
     if "turn" in dialogue_cols:
-        out["turn"] = None if _blank(row.get("turn")) else _turn(row["turn"])
+        out["turn"] = None if _blank(row.get("turn")) else parse_turn(row["turn"])
     return out
 
 

@@ -6,6 +6,7 @@ benchmark features (no raw media) produce the same manifest with null paths.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,18 @@ def read_dialogues(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         turn[:] = [0 if t is None else int(t) for t in raw]
     turn[own] = 0
     return np.asarray([str(d) for d in dialogue], dtype=object), turn
+
+
+def parse_turn(value: Any) -> int | None:
+    """A turn as an int, or None when it is not a whole number >= 0 ("3" and 3.0 are; "3.5", -1, "x" are not).
+
+    The one rule for turns given as text or numbers (listings, prediction input)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        return None
+    return int(number)

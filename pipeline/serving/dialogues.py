@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.formats.manifest import parse_turn
 from pipeline.methods.context import DialogueLayout, dense_layout
 
 DIALOGUE_COLUMNS = ("dialogue", "turn", "speaker")
@@ -79,13 +80,10 @@ def _turns(values: Sequence[Any], has_dialogue: np.ndarray, source: str) -> np.n
             continue
         if not inside:
             raise ValueError(f"{where}: {given!r} on a row without a dialogue; a turn is a position inside a dialogue")
-        try:
-            number = float(given)
-        except ValueError:
-            number = float("nan")
-        if not np.isfinite(number) or number != int(number) or number < 0:
+        number = parse_turn(given)
+        if number is None:
             raise ValueError(f"{where}: {given!r} is not a whole number >= 0")
-        out[i] = int(number)
+        out[i] = number
     return out
 
 
