@@ -12,7 +12,11 @@ log tail) and reported; the other cells go on, and the next invocation retries o
 The report (reports/compare.json as DVC metrics, compare.md, compare.html) and an MLflow
 parent run with one child run per cell come from pipeline/tracking/compare_report.py.
 
-    imer compare [--spec compare.yaml] [--jobs N] [--params params.yaml] [--no-report]
+    imer compare [--spec compare.yaml] [--jobs N] [--params params.yaml] [--no-report] [--register] [--registry]
+
+With `mlflow.tracking_uri` in compare.yaml, cells train and evaluate with MLflow on (a run with the
+pyfunc model each; not part of the cell key); `--register` then registers each row's best-validation
+cell per column as `imer-<row>` (flows/compare_register.py), and `--registry` compares the registry.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from typing import Any
 import yaml
 
 from flows.compare_data import Column, ColumnData, column_params, dataset_columns, prepare, set_dotted
+from flows.compare_register import cell_tracking, run_register, with_cell_tracking
 from pipeline.core.atomic import write_json
 from pipeline.core.hashing import config_hash
 from pipeline.core.params import load_all_params
@@ -128,14 +133,17 @@ def run_imer(stages: tuple[str, ...], cwd: Path, prefect: bool, env: dict[str, s
     return rc, (cwd / "log.txt").read_text(errors="replace")[-LOG_TAIL:], time.perf_counter() - started
 
 
-def plan_cells(base: dict[str, Any], spec: Spec, column: Column, data: ColumnData, out_dir: Path) -> list[Cell]:
-    """The cells of one column whose data is ready, in declaration order (rows, then seeds)."""
+def plan_cells(base: dict[str, Any], spec: Spec, column: Column, data: ColumnData, out_dir: Path,
+               tracking: dict[str, Any] | None = None) -> list[Cell]:
+    """The cells of one column whose data is ready, in declaration order (rows, then seeds);
+    `tracking` (compare_register.cell_tracking) turns MLflow on after the key is taken."""
     prof = column_params(base, spec.common, column)
     cells = []
     for row, dotted in spec.rows.items():
         for seed in spec.seeds:
             params = cell_params(set_dotted(prof, {**dotted, "train.seed": seed}), data)
             key = cell_key(params, data.key)
+            params = with_cell_tracking(params, tracking)
             cells.append(Cell(row, seed, column.label, key, out_dir / "cells" / key[:16], params))
     return cells
 
@@ -178,6 +186,7 @@ def run_matrix(spec: Spec, params_paths: list[str], jobs: int | None = None) -> 
 
     base = load_all_params(params_paths)
     out_dir = Path(spec.out_dir)
+    tracking = cell_tracking(spec.mlflow, base)  # the store and experiment, created before cells start
     prefect = prefect_enabled(params_paths[0]) if spec.prefect is None else bool(spec.prefect)
     env = {**os.environ}
     if not prefect:
@@ -192,7 +201,7 @@ def run_matrix(spec: Spec, params_paths: list[str], jobs: int | None = None) -> 
             except Exception as exc:  # noqa: BLE001  (a column's data failed: its cells are reported, others go on)
                 records[label] = _data_failed(spec, label, exc)
                 continue
-            cells = plan_cells(base, spec, column, data, out_dir)
+            cells = plan_cells(base, spec, column, data, out_dir, tracking)
             records[label] = [pool.submit(run_cell, c, prefect, env) for c in cells]
         return [r if isinstance(r, dict) else r.result() for label in futures for r in records[label]]
 
@@ -231,13 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", action="append", help="params file(s) the cells start from (default params.yaml)")
     parser.add_argument("--jobs", type=int, default=None, help="cells run in parallel (default: the spec's jobs)")
     parser.add_argument("--no-report", action="store_true", help="run the cells only")
+    parser.add_argument("--register", action="store_true", help="after the matrix (finished cells reused): "
+                        "register each row's best-validation cell per column as imer-<row>")
     parser.add_argument("--registry", action="store_true", help="run no cell: compare the registered champions of "
-                        "every imer-* model from the MLflow registry and mark the recommended version per profile")
+                        "every imer-* model from the MLflow registry and mark the recommended version per profile "
+                        "(with --register: after registering, in the cells' store)")
     parser.add_argument("--tracking-uri", default=None, help="--registry: the MLflow store (default: "
                         "MLFLOW_TRACKING_URI, params.yaml register/train.mlflow, compare.yaml mlflow)")
     parser.add_argument("--no-alias", action="store_true", help="--registry: write the table, move no alias")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.registry:
+    if args.registry and not args.register:
         from pipeline.tracking.registry_compare import run_registry_compare
 
         return run_registry_compare(args.tracking_uri, args.params or ["params.yaml"], args.spec, not args.no_alias)
@@ -256,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_compare_report(records, spec.baselines, spec.report_dir, spec.mlflow,
                                      {"wall_s": round(wall, 1), "jobs": args.jobs or spec.jobs, "computed": computed})
         print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    if args.register:
+        return max(int(bool(failed)), run_register(records, spec.mlflow, spec.report_dir, args.spec, args.params
+                                                   or ["params.yaml"], args.tracking_uri, args.registry,
+                                                   not args.no_alias))
     return 1 if failed else 0
 
 

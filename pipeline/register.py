@@ -98,14 +98,27 @@ def derived_data_label(manifest: str | None, manifest_sha256: str | None) -> tup
     return (listing.parent.name or listing.stem or UNKNOWN_DATA), source
 
 
+def selection_of(train: dict[str, Any], metrics: dict[str, Any], selection_metric: str | None = None,
+                 where: str | Path = "reports/metrics.json") -> tuple[str, str]:
+    """(task, selection metric) of an evaluated run: the caller's metric, else the train stage's (WA / Acc-2)."""
+    if "val" not in metrics:
+        raise ValueError(f"{where}: no 'val' section; registration compares validation scores")
+    task = "classification" if "wa" in metrics["val"]["fixed"]["mean"] else "regression"
+    key = resolve_selection_metric(task, selection_metric or train.get("selection_metric"))
+    selection_score(metrics["val"]["fixed"]["mean"], task, key)  # validates the key with a clear error
+    return task, key
+
+
 def register_from_reports(train_summary: str | Path, metrics_path: str | Path, model_name: str | None,
                           tracking_uri: str | None = None, selection_metric: str | None = None,
                           model_path: str | Path = "models/model.pt",
-                          data_label: str | None = None) -> RegistryDecision:
+                          data_label: str | None = None,
+                          extra_tags: dict[str, Any] | None = None) -> RegistryDecision:
     """Pure stage function: check model.pt and the summary name one run, read the reports, register.
 
     Raises `LineageError` (a ValueError naming both files) when the checkpoint's run id is
-    not the summary's: the evidence would be another model's.
+    not the summary's: the evidence would be another model's. `extra_tags` (e.g. `imer compare
+    --register`'s row and column) are written with the evidence.
     """
     from mlflow import MlflowClient
 
@@ -114,18 +127,15 @@ def register_from_reports(train_summary: str | Path, metrics_path: str | Path, m
             raise FileNotFoundError(f"{path}: not found (run the train and evaluate stages)")
     train = matching_train_summary(model_path, train_summary)
     metrics = json.loads(Path(metrics_path).read_text())
-    if "val" not in metrics:
-        raise ValueError(f"{metrics_path}: no 'val' section; registration compares validation scores")
-    task = "classification" if "wa" in metrics["val"]["fixed"]["mean"] else "regression"
-    key = resolve_selection_metric(task, selection_metric or train.get("selection_metric"))
+    task, key = selection_of(train, metrics, selection_metric, metrics_path)
     model_name = model_name or default_model_name(train.get("method", "mculora"))
-    selection_score(metrics["val"]["fixed"]["mean"], task, key)  # validates the key with a clear error
     uri = tracking_uri or train.get("mlflow_tracking_uri") or "sqlite:///mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run_id = train["mlflow_run_id"]
     run = client.get_run(run_id)
     score, evidence = candidate_evidence(train, metrics, run.data.tags, key, task)
     evidence.update(identity_tags(train, run.data.params, run.data.tags, data_label))
+    evidence.update(extra_tags or {})
     return register_candidate(run_id, model_name, score, evidence, client,
                               greater_is_better=key not in LOWER_IS_BETTER)
 
