@@ -48,7 +48,11 @@ class HomogeneousBatchSampler:
         if not self.available.any():
             raise ValueError("no training sample has any modality present")
         n = int(self.natural.any(axis=1).sum())
-        self.n_batches = batches_per_epoch or max(1, int(np.ceil(n / self.batch_size)))
+        per_batch = self.batch_size
+        if self.units is not None:  # whole dialogues: a batch holds at least one, so an epoch stays one pass
+            sizes = np.array([len(u) for units in self.units for u in units])
+            per_batch = max(self.batch_size, float(sizes.mean()) if len(sizes) else 1.0)
+        self.n_batches = batches_per_epoch or max(1, int(np.ceil(n / per_batch)))
         self.q = np.full(N_COMB, 1.0 / N_COMB) if q is None else np.asarray(q, dtype=float)
         self.epoch = 0
         self.history: list[dict[str, int]] = []  # per-epoch batch counts per combination
