@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.methods.config import CONTEXTS  # noqa: F401  (re-exported)
 
@@ -114,22 +115,33 @@ class ContextLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, layout: DialogueLayout, n_dial: int, n_turns: int) -> torch.Tensor:
         N, D = h.shape
-        H = self.n_heads
         padded = h.new_zeros(n_dial, n_turns, 3 * D)
         padded[layout.slot, layout.turn] = self.qkv(self.ln1(h))  # (n_dial, L, 3D)
         valid = torch.zeros(n_dial, n_turns, dtype=torch.bool, device=h.device)
         valid[layout.slot, layout.turn] = True  # (n_dial, L)
+        if torch.is_grad_enabled() and padded.requires_grad:
+            # keep only q, k, v and the padding mask for backward (memory linear in dialogue length);
+            # the (L x L) scores are recomputed there, with the same dropout draw
+            y = checkpoint(self._attend, padded, valid, use_reentrant=False)
+        else:
+            y = self._attend(padded, valid)
+        y = y[layout.slot, layout.turn]  # (N, D)
+        h = h + self.drop(self.out(y))
+        return h + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(h)))))  # (N, D)
+
+    def _attend(self, padded: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Attention across the turns of each dialogue: (n_dial, L, 3D) q|k|v -> (n_dial, L, D)."""
+        n_dial, n_turns, D = padded.shape[0], padded.shape[1], padded.shape[2] // 3
+        H = self.n_heads
         allowed = valid[:, None, :].expand(n_dial, n_turns, n_turns)  # (n_dial, L query, L key)
         if self.causal:
-            allowed = allowed & torch.ones(n_turns, n_turns, dtype=torch.bool, device=h.device).tril()
+            allowed = allowed & torch.ones(n_turns, n_turns, dtype=torch.bool, device=padded.device).tril()
         # a padded query row would attend to nothing (NaN): let it see itself; it is never gathered
-        allowed = allowed | torch.eye(n_turns, dtype=torch.bool, device=h.device)[None]
+        allowed = allowed | torch.eye(n_turns, dtype=torch.bool, device=padded.device)[None]
         q, k, v = (t.view(n_dial, n_turns, H, D // H).transpose(1, 2) for t in padded.split(D, dim=-1))  # (n_dial, H, L, D/H)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
                                            dropout_p=self.dropout if self.training else 0.0)  # (n_dial, H, L, D/H)
-        y = y.transpose(1, 2).reshape(n_dial, n_turns, D)[layout.slot, layout.turn]  # (N, D)
-        h = h + self.drop(self.out(y))
-        return h + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(h)))))  # (N, D)
+        return y.transpose(1, 2).reshape(n_dial, n_turns, D)
 
 
 class ContextEncoder(nn.Module):
