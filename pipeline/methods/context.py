@@ -208,11 +208,14 @@ def reads_dialogue(model: nn.Module) -> bool:
 
 
 def forward_extras(model: nn.Module, index: torch.Tensor | None = None,
-                   dialogue: DialogueLayout | None = None) -> dict[str, Any]:
-    """The keyword inputs `model` reads beyond (features, lengths, mask, combination)."""
+                   dialogue: DialogueLayout | None = None, rows: torch.Tensor | None = None) -> dict[str, Any]:
+    """The keyword inputs `model` reads beyond (features, lengths, mask, combination).
+
+    `rows` (R,): the batch rows the model will see; only the inputs the model reads are cut to them.
+    """
     extras: dict[str, Any] = {}
     if index is not None and getattr(model, "reads_row_index", False):
-        extras["index"] = index
+        extras["index"] = index if rows is None else index.to(rows.device).index_select(0, rows)
     if reads_dialogue(model):
-        extras["dialogue"] = dialogue
+        extras["dialogue"] = dialogue if dialogue is None or rows is None else dialogue.select(rows)
     return extras

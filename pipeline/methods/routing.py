@@ -68,8 +68,7 @@ def route(model: torch.nn.Module, features: dict[str, torch.Tensor], lengths: di
         eff_t = torch.as_tensor(eff[rows], device=device)  # (R, 3)
         lens = {m: torch.where(eff_t[:, j], lengths[m].to(device).index_select(0, idx), 0)
                 for j, m in enumerate(MODALITY_ORDER)}
-        extra = forward_extras(model, None if index is None else index.to(device).index_select(0, idx),
-                               None if dialogue is None else dialogue.select(idx))
+        extra = forward_extras(model, index, dialogue, rows=idx)
         pred = model({m: features[m].index_select(0, idx) for m in MODALITY_ORDER}, lens, eff_t,
                      torch.as_tensor(comb[rows], dtype=torch.long, device=device), **extra).prediction  # (R, K)
         if model.config.task == "classification":

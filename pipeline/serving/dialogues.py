@@ -20,10 +20,10 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.formats.manifest import parse_turn
+from pipeline.formats.manifest import DIALOGUE_COLUMNS, parse_turn
 from pipeline.methods.context import DialogueLayout, dense_layout
 
-DIALOGUE_COLUMNS = ("dialogue", "turn", "speaker")
+CONVERSATION_COLUMNS = (*DIALOGUE_COLUMNS, "speaker")  # the manifest's dialogue columns plus who speaks
 ECHOED = ("dialogue", "turn")  # copied from the input to the output, as given
 
 

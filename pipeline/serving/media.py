@@ -30,7 +30,7 @@ from features.clips import ClipJob
 from features.workers import to_outcome
 from pipeline.core.media_paths import listed_path, probe_file
 from pipeline.core.modalities import MANIFEST_NAME, MODALITY_ORDER
-from pipeline.serving.dialogues import DIALOGUE_COLUMNS, read_conversations
+from pipeline.serving.dialogues import CONVERSATION_COLUMNS, read_conversations
 
 PRESENT = "present"
 SUFFIXES: dict[str, tuple[str, ...]] = {  # manifest family -> file suffixes taken from a folder
@@ -97,7 +97,7 @@ def items_from_listing(listing: str | Path) -> list[MediaItem]:
             raw = row.get(f"{family}_path")
             paths[family] = listed_path(str(raw).strip(), listing.parent) if raw is not None and str(raw).strip() else None
         items.append(MediaItem(str(row["utterance_id"]).strip(), paths,
-                               conversation={c: row[c] for c in DIALOGUE_COLUMNS if c in row}))
+                               conversation={c: row[c] for c in CONVERSATION_COLUMNS if c in row}))
     read_conversations(pd.DataFrame([it.conversation for it in items], index=range(len(items))), str(listing))
     return items
 

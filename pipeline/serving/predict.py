@@ -37,7 +37,7 @@ import torch
 from pipeline.core.modalities import COMBINATIONS, MANIFEST_NAME, MODALITY_ORDER
 from pipeline.methods.context import reads_dialogue
 from pipeline.methods.routing import model_modalities, route
-from pipeline.serving.dialogues import DIALOGUE_COLUMNS, Conversations, echo_columns, read_conversations
+from pipeline.serving.dialogues import CONVERSATION_COLUMNS, Conversations, echo_columns, read_conversations
 from pipeline.serving.media import SUFFIXES, Extracted, MediaExtractor, MediaItem
 from pipeline.serving.recipes import build_checked
 from pipeline.training.grouping import batch_rows
@@ -96,8 +96,8 @@ def frame_from_arrays(features: Mapping[str, np.ndarray], lengths: Mapping[str, 
         cols[f"{m}_length"] = np.where(present[:, j], np.asarray(lengths[m]), 0).astype(np.int64)
         cols[f"{m}_present"] = present[:, j]
     for col, values in (conversation or {}).items():
-        if col not in DIALOGUE_COLUMNS:
-            raise ValueError(f"conversation column {col!r} is not one of {list(DIALOGUE_COLUMNS)}")
+        if col not in CONVERSATION_COLUMNS:
+            raise ValueError(f"conversation column {col!r} is not one of {list(CONVERSATION_COLUMNS)}")
         cols[col] = list(values)
     return pd.DataFrame(cols)
 
@@ -170,11 +170,11 @@ class Predictor:
 
     def predict_media_frame(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Media rows (paths, base64 bytes or transcript text) -> predictions; bytes live in a temp dir."""
-        known = (*MEDIA_COLUMNS, *FEATURE_COLUMNS, *DIALOGUE_COLUMNS)
+        known = (*MEDIA_COLUMNS, *FEATURE_COLUMNS, *CONVERSATION_COLUMNS)
         unknown = [c for c in frame.columns if c not in known]
         if unknown:
             raise ValueError(f"serving input: unknown columns {unknown}; media rows take "
-                             f"{list(MEDIA_COLUMNS) + list(DIALOGUE_COLUMNS)}")
+                             f"{list(MEDIA_COLUMNS) + list(CONVERSATION_COLUMNS)}")
         with tempfile.TemporaryDirectory(prefix="imer-serve-") as tmp:
             items = [_row_item(i, row, Path(tmp)) for i, row in enumerate(frame.to_dict("records"))]
             return self.predict_items(items)
@@ -204,7 +204,7 @@ def _row_item(i: int, row: Mapping[str, Any], tmp: Path) -> MediaItem:
                 failures[family] = ("invalid_base64", f"{uid}: {family}_b64 is not base64 ({exc})")
         else:
             paths[family] = Path(raw_path) if raw_path is not None else None
-    return MediaItem(uid, paths, failures, {c: row[c] for c in DIALOGUE_COLUMNS if c in row})
+    return MediaItem(uid, paths, failures, {c: row[c] for c in CONVERSATION_COLUMNS if c in row})
 
 
 def _given(value: Any) -> str | None:

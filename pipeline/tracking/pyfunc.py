@@ -34,7 +34,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from pipeline.serving.dialogues import DIALOGUE_COLUMNS
+from pipeline.serving.dialogues import CONVERSATION_COLUMNS
 from pipeline.serving.predict import MEDIA_COLUMNS, Predictor, frame_from_arrays, output_frame  # noqa: F401
 from pipeline.serving.recipes import RECIPE_FILE, RecipeMismatch, model_recipes
 
@@ -130,9 +130,9 @@ def _signature(example: pd.DataFrame, output: pd.DataFrame, media: bool) -> Any:
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     sig = infer_signature(example, output)
-    cols = [c for c in sig.inputs.inputs if c.name not in DIALOGUE_COLUMNS]
+    cols = [c for c in sig.inputs.inputs if c.name not in CONVERSATION_COLUMNS]
     if media:
         cols = [ColSpec(c.type, c.name, required=False) for c in cols]
         cols += [ColSpec("string", c, required=False) for c in MEDIA_COLUMNS]
-    cols += [ColSpec(AnyType(), c, required=False) for c in DIALOGUE_COLUMNS]
+    cols += [ColSpec(AnyType(), c, required=False) for c in CONVERSATION_COLUMNS]
     return ModelSignature(inputs=Schema(cols), outputs=None if media else sig.outputs)

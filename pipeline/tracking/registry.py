@@ -124,7 +124,7 @@ def register_candidate(
 
     champion = _alias_version(client, model_name, CHAMPION)
     prev_version = None if champion is None else str(champion.version)
-    prev_score = None if champion is None else _float_or_none(champion.tags.get(SCORE_TAG))
+    prev_score = None if champion is None else float_or_none(champion.tags.get(SCORE_TAG))
     promote, reason = _compare(val_score, version, prev_version, prev_score, greater_is_better)
     theirs, ours = (None if champion is None else champion.tags.get(DATA_TAG)), evidence.get(DATA_TAG)
     if prev_version not in (None, version) and _known(theirs) and _known(ours) and theirs != ours:
@@ -156,7 +156,7 @@ def _already_registered(client: MlflowClient, model_name: str, recorded: Any, ru
     """The no-op answer for a run that already has a complete version: nothing is written."""
     champion = _alias_version(client, model_name, CHAMPION)
     champ_version = None if champion is None else str(champion.version)
-    score = _float_or_none(recorded.tags.get(SCORE_TAG))
+    score = float_or_none(recorded.tags.get(SCORE_TAG))
     reason = (f"run {run_id} is already registered as v{recorded.version} (recorded decision "
               f"{recorded.tags.get('decision')!r}, {SCORE_TAG} {recorded.tags.get(SCORE_TAG)}); nothing changed: "
               "a registered version's scores, decision and aliases are never rewritten")
@@ -167,7 +167,7 @@ def _already_registered(client: MlflowClient, model_name: str, recorded: Any, ru
         reason=reason,
         candidate_score=float("nan") if score is None else score,
         previous_champion_version=champ_version,
-        previous_champion_score=None if champion is None else _float_or_none(champion.tags.get(SCORE_TAG)),
+        previous_champion_score=None if champion is None else float_or_none(champion.tags.get(SCORE_TAG)),
         champion_version=str(champ_version),
         aliases=sorted(recorded.aliases),
     )
@@ -223,7 +223,7 @@ def _tag_value(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _float_or_none(value: str | None) -> float | None:
+def float_or_none(value: str | None) -> float | None:
     try:
         return None if value is None else float(value)
     except ValueError:

@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.core.atomic import atomic_path, write_json
 from pipeline.core.metrics import DEFAULT_SELECTION, direction
 from pipeline.core.modalities import COMBINATIONS
-from pipeline.tracking.registry import CHAMPION, DATA_TAG, SCORE_TAG, UNKNOWN_DATA, val_tag
+from pipeline.tracking.registry import CHAMPION, DATA_TAG, SCORE_TAG, UNKNOWN_DATA, float_or_none, val_tag
 
 PREFIX = "imer-"  # registered model names of this project (register.model_name null = imer-<method>)
 ALIAS_PREFIX = "recommended-"
@@ -216,10 +216,10 @@ def _version_row(client: MlflowClient, name: str, v: Any, champion: bool) -> dic
     tags = v.tags
     task = tags.get("task", "classification")
     metric = DEFAULT_SELECTION.get(task, "wa")
-    val = {c: x for c in COLUMNS if (x := _float(tags.get(val_tag(metric, c)))) is not None}
+    val = {c: x for c in COLUMNS if (x := float_or_none(tags.get(val_tag(metric, c)))) is not None}
     if not val and tags.get("selection_metric") == metric:  # versions registered before the val/* tags
         val = {c: float(x) for c, x in json.loads(tags.get("val_scores") or "{}").items()}
-        if (mean := _float(tags.get(SCORE_TAG))) is not None:
+        if (mean := float_or_none(tags.get(SCORE_TAG))) is not None:
             val["mean"] = mean
     test: dict[str, float] = {}
     try:
@@ -248,13 +248,6 @@ def _rank_key(row: dict[str, Any], metric: str) -> tuple:
     return (signed, params, row["model"], int(row["version"]))
 
 
-def _float(value: str | None) -> float | None:
-    try:
-        return None if value is None else float(value)
-    except ValueError:
-        return None
-
-
 def _int(value: str | None) -> int | None:
-    f = _float(value)
+    f = float_or_none(value)
     return None if f is None or math.isnan(f) else int(f)

@@ -98,10 +98,12 @@ class HomogeneousBatchSampler:
         keys = []
         for c in combos.tolist():
             taken: list[np.ndarray] = []
-            while sum(len(t) for t in taken) < self.batch_size and len(taken) < len(pools[c]):
+            rows = 0
+            while rows < self.batch_size and len(taken) < len(pools[c]):
                 if cursor[c] >= len(pools[c]):  # exhausted: reshuffle this combination's dialogues
                     pools[c], cursor[c] = rng.permutation(len(self.units[c])), 0
                 taken.append(self.units[c][pools[c][cursor[c]]])
+                rows += len(taken[-1])
                 cursor[c] += 1
             keys.append(BatchKey(index=np.concatenate(taken), combination=c))
         return keys
